@@ -1,0 +1,5 @@
+"""`python -m iiot` runs the command line."""
+
+from iiot.cli import main
+
+raise SystemExit(main())

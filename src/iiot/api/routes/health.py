@@ -1,0 +1,49 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from iiot.errors import StorageUnavailable
+from iiot.services import Services
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    """Answers as long as the process serves HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Each protocol and the database: up, down or off, and why")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 200 when every enabled component is up, else 503."""
+    services: Services = request.app.state.services
+    components: dict[str, Any] = {}
+    try:
+        await services.store.ping()
+        components["database"] = {
+            "state": "up",
+            "detail": services.settings.effective_database_url.split("://")[0],
+        }
+    except StorageUnavailable as exc:
+        components["database"] = {"state": "down", "detail": str(exc)}
+    for name, health in sorted(services.health.components.items()):
+        components[name] = {"state": health.state, "detail": health.detail}
+    ready = all(c["state"] != "down" for c in components.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "components": components},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Every platform metric in the Prometheus text format."""
+    services: Services = request.app.state.services
+    services.metrics.queue_points.set(services.pipeline.queued_points)
+    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,96 @@
+"""The HTTP server component: uvicorn serving the FastAPI app inside the platform's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Self
+
+import uvicorn
+
+from iiot.api.app import create_api
+from iiot.errors import ConfigError
+from iiot.services import Services
+
+__all__ = ["HttpServer"]
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without signal handlers of its own: the platform handles SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """REST API, device HTTP API, `/healthz`, `/readyz` and `/metrics` on one port."""
+
+    name = "http"
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        settings = services.settings
+        self._host = settings.bind_host
+        self._port = settings.http_port
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+
+    def describe(self) -> str:
+        """Start-up log line."""
+        return f"HTTP {self._host}:{self.port} (REST API /api, docs /docs, metrics /metrics)"
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as an ephemeral one in tests)."""
+        if self._socket is not None:
+            return int(self._socket.getsockname()[1])
+        return self._port
+
+    async def __aenter__(self) -> Self:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"IIOT_HTTP_PORT={self._port}: cannot listen on {self._host}:{self._port} "
+                f"({exc.strerror}); choose a free port"
+            ) from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        self._socket = sock
+        config = uvicorn.Config(
+            create_api(self._services),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            proxy_headers=True,
+            forwarded_allow_ips="127.0.0.1",
+            timeout_graceful_shutdown=5,
+        )
+        self._server = _EmbeddedUvicorn(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        self._services.health.set(self.name, "up", f"{self._host}:{self.port}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._socket is not None:
+            self._socket.close()
+        self._services.health.set(self.name, "off", "stopped")

@@ -1,0 +1,191 @@
+"""Composition root: builds the services and enters every component in order.
+
+Components are entered with one `AsyncExitStack` and left in reverse order: protocols stop
+taking data first, then the pipeline flushes what it holds, then the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from contextlib import AsyncExitStack
+from typing import Literal, Self
+
+from iiot.adapters.base import Component
+from iiot.bus import CommandRouter, LiveBus
+from iiot.codec import Limits
+from iiot.config import Settings
+from iiot.ingest import Ingestor
+from iiot.metrics import Metrics
+from iiot.model import Role
+from iiot.pipeline import Pipeline, PipelineSettings
+from iiot.registry import DeviceRegistry
+from iiot.security import hash_password
+from iiot.services import HealthBoard, Services
+from iiot.storage import open_store
+from iiot.storage.base import Store
+
+__all__ = ["Platform", "RunRole", "build_components", "run_platform"]
+
+log = logging.getLogger("iiot")
+
+RunRole = Literal["all", "api", "ingest"]
+
+
+def build_components(services: Services, role: RunRole = "all") -> list[Component]:
+    """The enabled components for a role, in start order (HTTP last, so it stops first)."""
+    settings = services.settings
+    health = services.health
+    components: list[Component] = []
+    if role in ("all", "ingest"):
+        if settings.opcua_port:
+            from iiot.adapters.opcua import OpcUaServer
+
+            components.append(OpcUaServer(services))
+        else:
+            health.set("opcua", "off", "IIOT_OPCUA_PORT=0")
+        if settings.coap_port:
+            from iiot.adapters.coap import CoapServer
+
+            components.append(CoapServer(services))
+        else:
+            health.set("coap", "off", "IIOT_COAP_PORT=0")
+        if settings.mqtt_url:
+            from iiot.adapters.mqtt import MqttAdapter
+
+            components.append(MqttAdapter(services))
+        elif settings.mqtt_port:
+            from iiot.adapters.broker import EmbeddedBroker
+
+            components.append(EmbeddedBroker(services))
+        else:
+            health.set("mqtt", "off", "IIOT_MQTT_PORT=0 and IIOT_MQTT_URL unset")
+        if settings.amqp_url:
+            from iiot.adapters.amqp import AmqpAdapter
+
+            components.append(AmqpAdapter(services))
+        else:
+            health.set("amqp", "off", "IIOT_AMQP_URL unset")
+            log.info("AMQP ingestion off (IIOT_AMQP_URL unset)")
+    if role in ("all", "api") and settings.http_port:
+        from iiot.api.server import HttpServer
+
+        components.append(HttpServer(services))
+    return components
+
+
+class Platform:
+    """The running platform: services plus every enabled component."""
+
+    def __init__(self, settings: Settings, role: RunRole = "all") -> None:
+        self.settings = settings
+        self.role = role
+        self.components: list[Component] = []
+        self._stack = AsyncExitStack()
+        self._services: Services | None = None
+
+    @property
+    def services(self) -> Services:
+        """The shared services (available once entered)."""
+        if self._services is None:
+            raise RuntimeError("platform not started")
+        return self._services
+
+    async def __aenter__(self) -> Self:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            store = await self._stack.enter_async_context(
+                open_store(settings.effective_database_url)
+            )
+            await ensure_admin(store, settings)
+            bus = LiveBus()
+            metrics = Metrics()
+            registry = DeviceRegistry(store, bus)
+            pipeline = await self._stack.enter_async_context(
+                Pipeline(
+                    store,
+                    bus,
+                    metrics,
+                    PipelineSettings(
+                        max_batch_points=settings.batch_max_points,
+                        max_delay_s=settings.batch_max_delay_ms / 1000,
+                        queue_max_points=settings.queue_max_points,
+                        commit_timeout_s=settings.commit_timeout_s,
+                    ),
+                )
+            )
+            ingestor = Ingestor(
+                registry,
+                pipeline,
+                metrics,
+                Limits(settings.max_message_bytes, settings.max_points_per_message),
+            )
+            self._services = Services(
+                settings=settings,
+                store=store,
+                bus=bus,
+                metrics=metrics,
+                registry=registry,
+                pipeline=pipeline,
+                ingestor=ingestor,
+                commands=CommandRouter(),
+                health=HealthBoard(),
+            )
+            for component in build_components(self._services, self.role):
+                await self._stack.enter_async_context(component)
+                self.components.append(component)
+                log.info("%s", component.describe())
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
+async def ensure_admin(store: Store, settings: Settings) -> None:
+    """Create the first system administrator when no user exists yet."""
+    if await store.count_users() > 0:
+        return
+    password = settings.admin_password
+    if password is None:
+        password = secrets.token_urlsafe(18)
+        path = settings.data_dir / "admin-password"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(password + "\n")
+        # Printed once, on purpose: the operator needs it to log in the first time.
+        print(
+            f"Created administrator {settings.admin_username!r} with password {password} "
+            f"(also stored in {path}, mode 0600)",
+            flush=True,
+        )
+    await store.create_user(
+        None,
+        settings.admin_username,
+        hash_password(password, settings.bcrypt_rounds),
+        Role.SYSADMIN,
+    )
+
+
+async def run_platform(settings: Settings, role: RunRole = "all") -> None:
+    """Run until SIGINT or SIGTERM, then stop in reverse order after flushing."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Platform(settings, role):
+            log.info("platform ready (role %s)", role)
+            await stop.wait()
+            log.info("stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,108 @@
+"""In-process live bus: committed telemetry, device changes and commands to devices.
+
+Subscribers get their own bounded queue; a subscriber that falls behind loses its oldest
+events (live values are a view; the database keeps every point), never slowing ingestion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from iiot.model import Device, DevicePoints
+
+__all__ = [
+    "CommandRouter",
+    "CommandTransport",
+    "DeviceEvent",
+    "LiveBus",
+    "LiveEvent",
+    "TelemetryEvent",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryEvent:
+    """Points that were committed to storage."""
+
+    batch: Sequence[DevicePoints]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """A device was created, changed (name, status, token) or deleted."""
+
+    kind: Literal["created", "updated", "deleted"]
+    device: Device
+
+
+LiveEvent = TelemetryEvent | DeviceEvent
+
+
+class LiveBus:
+    """Fan-out of live events to any number of subscribers."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[LiveEvent]] = set()
+
+    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[LiveEvent]:
+        """A new queue that receives every event published from now on."""
+        queue: asyncio.Queue[LiveEvent] = asyncio.Queue(maxsize)
+        self._queues.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[LiveEvent]) -> None:
+        """Stop delivering events to this queue."""
+        self._queues.discard(queue)
+
+    def publish(self, event: LiveEvent) -> None:
+        """Deliver an event to every subscriber without waiting."""
+        for queue in self._queues:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()  # drop the oldest: live views must not block ingest
+            queue.put_nowait(event)
+
+
+class CommandTransport(Protocol):
+    """Something that can deliver a command to a device (AMQP, MQTT...)."""
+
+    name: str
+
+    async def send_command(self, device: Device, command: dict[str, Any]) -> None:
+        """Deliver the command or raise."""
+        ...
+
+
+class CommandRouter:
+    """Sends commands to devices over every transport that is enabled."""
+
+    def __init__(self) -> None:
+        self._transports: list[CommandTransport] = []
+
+    def register(self, transport: CommandTransport) -> None:
+        """Add a transport (called by an adapter when it starts)."""
+        self._transports.append(transport)
+
+    def unregister(self, transport: CommandTransport) -> None:
+        """Remove a transport (called by an adapter when it stops)."""
+        if transport in self._transports:
+            self._transports.remove(transport)
+
+    async def send(self, device: Device, command: dict[str, Any]) -> list[str]:
+        """Send a command; returns the names of the transports that took it."""
+        delivered: list[str] = []
+        for transport in list(self._transports):
+            try:
+                await transport.send_command(device, command)
+            except Exception:  # one broken transport must not stop the others
+                log.exception("command to device %s over %s failed", device.id, transport.name)
+            else:
+                delivered.append(transport.name)
+        return delivered

@@ -1,0 +1,198 @@
+"""Command line: `iiot run`, `iiot migrate`, and shell commands to manage tenants, users, devices.
+
+Commands are thin: they build settings, then call the app or the store. Every error is one
+clear line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from uuid import UUID
+
+from iiot import __version__
+from iiot.config import Settings, load_settings
+from iiot.errors import IIoTError, InvalidRequest, NotFound
+from iiot.model import Role, Tenant
+from iiot.storage import open_store
+from iiot.storage.base import Store
+
+__all__ = ["main"]
+
+log = logging.getLogger("iiot")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Third-party libraries are chatty at INFO; their warnings still show.
+    for name in ("amqtt", "asyncua", "aiocoap", "aio_pika", "aiormq", "uvicorn", "transitions"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iiot", description="Industrial IoT platform. Settings come from IIOT_* variables."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start the platform", description="Start the platform.")
+    run.add_argument(
+        "--role",
+        choices=["all", "api", "ingest"],
+        default="all",
+        help="everything in one process (default), only the HTTP API, "
+        "or only the ingestion protocols",
+    )
+    run.add_argument(
+        "--workers", type=int, default=1, help="HTTP API worker processes (with --role api)"
+    )
+
+    sub.add_parser(
+        "migrate",
+        help="bring the database schema up to date",
+        description="Bring the database schema up to date.",
+    )
+    sub.add_parser("version", help="print the version", description="Print the version.")
+
+    tenant = sub.add_parser("tenant", help="manage tenants", description="Manage tenants.")
+    tenant_sub = tenant.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tenant_create = tenant_sub.add_parser(
+        "create", help="create a tenant", description="Create a tenant."
+    )
+    tenant_create.add_argument("name")
+
+    user = sub.add_parser("user", help="manage users", description="Manage users.")
+    user_sub = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    user_create = user_sub.add_parser("create", help="create a user", description="Create a user.")
+    user_create.add_argument("--username", required=True)
+    user_create.add_argument("--password", help="prompted for when omitted")
+    user_create.add_argument("--role", choices=[r.value for r in Role], default="tenant_user")
+    user_create.add_argument("--tenant", help="tenant name or id (not for sysadmin)")
+
+    device = sub.add_parser("device", help="manage devices", description="Manage devices.")
+    device_sub = device.add_subparsers(dest="action", required=True, metavar="ACTION")
+    device_create = device_sub.add_parser(
+        "create",
+        help="create a device and print its token once",
+        description="Create a device and print its access token (shown only once).",
+    )
+    device_create.add_argument("--tenant", required=True, help="tenant name or id")
+    device_create.add_argument("--name", required=True)
+    return parser
+
+
+async def _find_tenant(store: Store, ref: str) -> Tenant:
+    try:
+        return await store.get_tenant(None, UUID(ref))
+    except ValueError:
+        pass
+    offset = 0
+    while True:
+        page = await store.list_tenants(None, 500, offset)
+        for tenant in page.items:
+            if tenant.name == ref:
+                return tenant
+        offset += len(page.items)
+        if not page.items or offset >= page.total:
+            raise NotFound(f"no tenant named {ref!r}")
+
+
+async def _with_store(settings: Settings, action: Callable[[Store], Awaitable[None]]) -> None:
+    async with open_store(settings.effective_database_url) as store:
+        await action(store)
+
+
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    async def action(store: Store) -> None:
+        print(f"database schema is up to date ({settings.effective_database_url.split(':')[0]})")
+
+    asyncio.run(_with_store(settings, action))
+
+
+def _cmd_tenant(settings: Settings, args: argparse.Namespace) -> None:
+    async def action(store: Store) -> None:
+        tenant = await store.create_tenant(args.name)
+        print(f"tenant {tenant.name} id={tenant.id}")
+
+    asyncio.run(_with_store(settings, action))
+
+
+def _cmd_user(settings: Settings, args: argparse.Namespace) -> None:
+    from iiot.security import hash_password
+
+    role = Role(args.role)
+    if role is Role.SYSADMIN and args.tenant:
+        raise InvalidRequest("a sysadmin belongs to no tenant: leave out --tenant")
+    if role is not Role.SYSADMIN and not args.tenant:
+        raise InvalidRequest(f"a {role.value} needs --tenant NAME")
+    password = args.password
+    if password is None:
+        password = getpass.getpass(f"password for {args.username}: ")
+    if len(password) < 8 or len(password.encode()) > 72:
+        raise InvalidRequest("the password must be 8 to 72 bytes long")
+
+    async def action(store: Store) -> None:
+        tenant_id = (await _find_tenant(store, args.tenant)).id if args.tenant else None
+        user = await store.create_user(
+            tenant_id, args.username, hash_password(password, settings.bcrypt_rounds), role
+        )
+        print(f"user {user.username} id={user.id} role={user.role.value}")
+
+    asyncio.run(_with_store(settings, action))
+
+
+def _cmd_device(settings: Settings, args: argparse.Namespace) -> None:
+    from iiot.bus import LiveBus
+    from iiot.registry import DeviceRegistry
+
+    async def action(store: Store) -> None:
+        tenant = await _find_tenant(store, args.tenant)
+        device, token = await DeviceRegistry(store, LiveBus()).create_device(tenant.id, args.name)
+        print(f"device {device.name} id={device.id}")
+        print(f"token {token}")
+        print("(the token is shown only now; rotate it through the API if it is lost)")
+
+    asyncio.run(_with_store(settings, action))
+
+
+def _cmd_run(settings: Settings, args: argparse.Namespace) -> None:
+    from iiot.app import run_platform
+
+    if args.workers < 1:
+        raise InvalidRequest(f"--workers {args.workers}: expected 1 or more")
+    asyncio.run(run_platform(settings, args.role))
+
+
+_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
+    "run": _cmd_run,
+    "migrate": _cmd_migrate,
+    "tenant": _cmd_tenant,
+    "user": _cmd_user,
+    "device": _cmd_device,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `iiot` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"iiot {__version__}")
+        return 0
+    try:
+        settings = load_settings()
+        _configure_logging(settings.log_level)
+        _COMMANDS[args.command](settings, args)
+    except IIoTError as exc:
+        print(f"iiot: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,157 @@
+"""The one telemetry payload parser for every protocol: pure functions, no I/O.
+
+Accepted forms (JSON, UTF-8):
+1. `{"temperature": 21.5, "running": true}`          timestamp = time of receipt
+2. `{"ts": 1767225600000, "values": {...}}`          `ts` in Unix milliseconds
+3. a JSON array of items of form 1 or 2.
+
+A message that breaks any rule raises `InvalidPayload` (or `PayloadTooLarge`) saying what is
+wrong and where; nothing of it is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from iiot.errors import InvalidPayload, PayloadTooLarge
+from iiot.model import Point, Scalar
+
+__all__ = ["MAX_KEY_LENGTH", "MAX_TS", "Limits", "check_size", "parse_telemetry"]
+
+MAX_KEY_LENGTH = 255
+# Largest ts we accept: year 9999 in Unix ms (beyond that, clients are sending micro/nanoseconds).
+MAX_TS = 253_402_300_799_999
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-message limits; configurable through settings."""
+
+    max_bytes: int = 256 * 1024
+    max_points: int = 10_000
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidPayload(f"{name} is not a valid JSON number")
+
+
+def check_size(body: bytes, limits: Limits) -> None:
+    """Raise `PayloadTooLarge` when the message exceeds the size limit."""
+    if len(body) > limits.max_bytes:
+        raise PayloadTooLarge(
+            f"message is {len(body)} bytes; the limit is {limits.max_bytes} bytes"
+        )
+
+
+def decode_json(body: bytes | str) -> Any:
+    """Decode UTF-8 JSON, refusing NaN/Infinity, with the error position in the message."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError as exc:
+        raise InvalidPayload(f"message is not valid UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidPayload(
+            f"invalid JSON at line {exc.lineno} column {exc.colno} (char {exc.pos}): {exc.msg}"
+        ) from None
+    except RecursionError:
+        raise InvalidPayload("invalid JSON: nested too deeply") from None
+
+
+def parse_telemetry(body: bytes | str, received_ms: int, limits: Limits = Limits()) -> list[Point]:
+    """Parse a telemetry message into points; `received_ms` stamps values without `ts`."""
+    if isinstance(body, bytes):
+        check_size(body, limits)
+    document = decode_json(body)
+    points: list[Point] = []
+    if isinstance(document, list):
+        if not document:
+            raise InvalidPayload("message is an empty array: it holds no values")
+        for index, item in enumerate(document):
+            _parse_item(item, f"[{index}]", received_ms, points, limits)
+    else:
+        _parse_item(document, "", received_ms, points, limits)
+    return points
+
+
+def _parse_item(item: Any, where: str, received_ms: int, out: list[Point], limits: Limits) -> None:
+    label = f"item {where}" if where else "message"
+    if not isinstance(item, dict):
+        raise InvalidPayload(f"{label} must be a JSON object, not {_json_type(item)}")
+    if "ts" in item and "values" in item:
+        extra = set(item) - {"ts", "values"}
+        if extra:
+            raise InvalidPayload(
+                f"{label} has 'ts' and 'values', so it may not also have {sorted(extra)}"
+            )
+        ts = _parse_ts(item["ts"], f"{where}.ts" if where else "ts")
+        values = item["values"]
+        if not isinstance(values, dict):
+            raise InvalidPayload(
+                f"{where}.values must be a JSON object, not {_json_type(values)}"
+                if where
+                else f"values must be a JSON object, not {_json_type(values)}"
+            )
+        prefix = f"{where}.values" if where else "values"
+    else:
+        ts = received_ms
+        values = item
+        prefix = where
+    if not values:
+        raise InvalidPayload(f"{label} holds no values")
+    if len(out) + len(values) > limits.max_points:
+        raise InvalidPayload(
+            f"message holds more than {limits.max_points} points (the limit per message)"
+        )
+    for key, raw in values.items():
+        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            raise InvalidPayload(
+                f"key {shown!r} at {prefix or 'top level'} is {len(key)} characters; "
+                f"keys must be 1 to {MAX_KEY_LENGTH} characters"
+            )
+        out.append(Point(key, ts, _to_scalar(raw)))
+
+
+def _parse_ts(raw: Any, where: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        if isinstance(raw, float) and raw.is_integer():
+            raw = int(raw)
+        else:
+            raise InvalidPayload(
+                f"{where} must be an integer of Unix milliseconds, not {_json_type(raw)} {raw!r}"
+            )
+    if not 0 <= raw <= MAX_TS:
+        raise InvalidPayload(
+            f"{where}={raw} is out of range: expected Unix milliseconds from 0 to {MAX_TS}"
+        )
+    return int(raw)
+
+
+def _to_scalar(raw: Any) -> Scalar:
+    if isinstance(raw, (bool, str, int)):
+        return raw
+    if isinstance(raw, float):
+        if not math.isfinite(raw):  # e.g. 1e999 overflows to inf
+            raise InvalidPayload(f"number {raw!r} is out of range")
+        return raw
+    # Objects, arrays and null are kept as their compact JSON text.
+    return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"

@@ -1,0 +1,222 @@
+"""Settings: the only reader of `IIOT_*` environment variables and the optional TOML file.
+
+Every value is validated once, at start. A bad one raises `ConfigError` whose message is a
+single line naming the variable, the value and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from iiot.errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Typed, validated platform settings (defaults are the embedded, zero-setup ones)."""
+
+    data_dir: Path = Path("data")
+    database_url: str = ""  # empty: SQLite file in the data dir
+    bind_host: str = "0.0.0.0"
+    http_port: int = 8080
+    mqtt_url: str | None = None  # unset: embedded broker
+    mqtt_port: int = 1883
+    mqtt_shared_group: str | None = None  # `$share/{group}/...` on an external broker
+    amqp_url: str | None = None  # unset: AMQP ingestion off
+    amqp_prefetch: int = 1000
+    coap_port: int = 5683
+    opcua_port: int = 4840
+    opcua_allow_none: bool = False
+    admin_username: str = "admin"
+    admin_password: str | None = None
+    max_message_bytes: int = 256 * 1024
+    max_points_per_message: int = 10_000
+    batch_max_points: int = 5000
+    batch_max_delay_ms: int = 50
+    queue_max_points: int = 200_000
+    commit_timeout_s: float = 30.0  # how long a device waits for its points to commit
+    bcrypt_rounds: int = 12
+    jwt_ttl_s: int = 3600
+    login_attempts_per_minute: int = 10
+    log_level: str = "INFO"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured database URL, or the embedded SQLite file in the data dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'iiot.db'}"
+
+    @property
+    def uses_postgres(self) -> bool:
+        """Whether the configured database is PostgreSQL."""
+        return self.effective_database_url.startswith(("postgresql://", "postgres://"))
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    parse.__doc__ = f"an integer from {low} to {high}"
+    return parse
+
+
+def _port(raw: str) -> int:
+    """a port number from 0 (off) to 65535"""
+    return _int_between(0, 65535)(raw)
+
+
+def _positive_float(raw: str) -> float:
+    """a positive number of seconds"""
+    value = float(raw)
+    if not value > 0:
+        raise ValueError
+    return value
+
+
+def _bool(raw: str) -> bool:
+    """1/0, true/false, yes/no or on/off"""
+    text = raw.strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError
+
+
+def _text(raw: str) -> str:
+    """a non-empty text"""
+    if not raw.strip():
+        raise ValueError
+    return raw.strip()
+
+
+def _optional_text(raw: str) -> str | None:
+    """a text (empty for none)"""
+    return raw.strip() or None
+
+
+def _path(raw: str) -> Path:
+    """a directory path"""
+    return Path(_text(raw))
+
+
+def _database_url(raw: str) -> str:
+    """sqlite:///path or postgresql://user@host[:port]/db"""
+    text = raw.strip()
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme == "sqlite" and parts.path:
+        return text
+    if parts.scheme in {"postgresql", "postgres"} and (parts.hostname or parts.path.strip("/")):
+        return text
+    raise ValueError
+
+
+def _url(*schemes: str) -> Callable[[str], str | None]:
+    def parse(raw: str) -> str | None:
+        text = raw.strip()
+        if not text:
+            return None
+        parts = urlsplit(text)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError
+        return text
+
+    parse.__doc__ = " or ".join(f"{scheme}://[user:pass@]host[:port]" for scheme in schemes)
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    """one of DEBUG, INFO, WARNING, ERROR"""
+    level = raw.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError
+    return level
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "data_dir": _path,
+    "database_url": _database_url,
+    "bind_host": _text,
+    "http_port": _port,
+    "mqtt_url": _url("mqtt", "mqtts"),
+    "mqtt_port": _port,
+    "mqtt_shared_group": _optional_text,
+    "amqp_url": _url("amqp", "amqps"),
+    "amqp_prefetch": _int_between(1, 65535),
+    "coap_port": _port,
+    "opcua_port": _port,
+    "opcua_allow_none": _bool,
+    "admin_username": _text,
+    "admin_password": _optional_text,
+    "max_message_bytes": _int_between(64, 64 * 1024 * 1024),
+    "max_points_per_message": _int_between(1, 1_000_000),
+    "batch_max_points": _int_between(1, 1_000_000),
+    "batch_max_delay_ms": _int_between(0, 60_000),
+    "queue_max_points": _int_between(1, 100_000_000),
+    "commit_timeout_s": _positive_float,
+    "bcrypt_rounds": _int_between(4, 16),
+    "jwt_ttl_s": _int_between(60, 30 * 24 * 3600),
+    "login_attempts_per_minute": _int_between(1, 100_000),
+    "log_level": _log_level,
+}
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a settings field, e.g. `http_port` -> `IIOT_HTTP_PORT`."""
+    return f"IIOT_{field_name.upper()}"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from `IIOT_CONFIG` (TOML, optional) overridden by `IIOT_*` variables."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, tuple[str, str]] = {}  # field -> (source name, raw text)
+    config_file = env.get("IIOT_CONFIG", "").strip()
+    if config_file:
+        raw.update(_read_toml(config_file))
+    known = {f.name for f in fields(Settings)}
+    for name in known:
+        if env_name(name) in env:
+            raw[name] = (env_name(name), env[env_name(name)])
+    values: dict[str, Any] = {}
+    for name, (source, text) in raw.items():
+        parser = _PARSERS[name]
+        try:
+            values[name] = parser(text)
+        except ValueError:
+            raise ConfigError(
+                f"{source}={text!r} is not valid: expected {parser.__doc__}"
+            ) from None
+    return Settings(**values)
+
+
+def _read_toml(path: str) -> dict[str, tuple[str, str]]:
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"IIOT_CONFIG={path!r} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"IIOT_CONFIG={path!r} is not valid TOML: {exc}") from None
+    known = {f.name for f in fields(Settings)}
+    result: dict[str, tuple[str, str]] = {}
+    for key, value in document.items():
+        if key not in known:
+            raise ConfigError(
+                f"IIOT_CONFIG={path!r}: unknown setting {key!r}; expected one of "
+                + ", ".join(sorted(known))
+            )
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        result[key] = (f"{key} in {path}", text)
+    return result

@@ -1,0 +1,95 @@
+"""The one entry point of device data for every adapter: authenticate, decode, submit.
+
+Adapters translate their protocol into a call here and map the error types to their own
+answers (HTTP status, CoAP code, AMQP reject); the rules themselves live only here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from iiot.codec import Limits, check_size, parse_telemetry
+from iiot.errors import (
+    AuthenticationError,
+    DeviceDisabled,
+    InvalidPayload,
+    PayloadTooLarge,
+    StorageUnavailable,
+)
+from iiot.metrics import Metrics
+from iiot.model import Device, DevicePoints, Point
+from iiot.pipeline import Pipeline
+from iiot.registry import DeviceRegistry
+
+__all__ = ["Decoder", "Ingestor", "refusal_reason"]
+
+# A payload format: bytes, receipt time (Unix ms), limits -> points (e.g. JSON, SenML).
+Decoder = Callable[[bytes, int, Limits], list[Point]]
+
+
+def refusal_reason(exc: Exception) -> str:
+    """A short, stable label for metrics and AMQP reject headers."""
+    if isinstance(exc, PayloadTooLarge):
+        return "too_large"
+    if isinstance(exc, InvalidPayload):
+        return "invalid_payload"
+    if isinstance(exc, AuthenticationError):
+        return "unknown_token"
+    if isinstance(exc, DeviceDisabled):
+        return "device_disabled"
+    if isinstance(exc, StorageUnavailable):
+        return "storage_unavailable"
+    return "error"
+
+
+class Ingestor:
+    """Turns a device's raw message into committed points."""
+
+    def __init__(
+        self, registry: DeviceRegistry, pipeline: Pipeline, metrics: Metrics, limits: Limits
+    ) -> None:
+        self.registry = registry
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.limits = limits
+
+    async def ingest_token(
+        self, token: str, body: bytes, protocol: str, decode: Decoder = parse_telemetry
+    ) -> int:
+        """Authenticate by token, then ingest; returns the number of points stored."""
+        try:
+            device = await self.registry.authenticate(token)
+        except AuthenticationError as exc:
+            self.refused(protocol, exc)
+            raise
+        return await self.ingest(device, body, protocol, decode)
+
+    async def ingest(
+        self, device: Device, body: bytes, protocol: str, decode: Decoder = parse_telemetry
+    ) -> int:
+        """Check, decode and commit one telemetry message of a known device."""
+        self.metrics.messages_received.labels(protocol).inc()
+        try:
+            if device.disabled:
+                raise DeviceDisabled(f"device {device.name!r} is disabled")
+            check_size(body, self.limits)
+            points = decode(body, int(time.time() * 1000), self.limits)
+        except (DeviceDisabled, InvalidPayload) as exc:
+            self.refused(protocol, exc, counted=True)
+            raise
+        self.metrics.points_received.labels(protocol).inc(len(points))
+        try:
+            await self.pipeline.submit(DevicePoints(device, tuple(points)), protocol)
+        except StorageUnavailable as exc:
+            self.refused(protocol, exc, counted=True)
+            raise
+        return len(points)
+
+    def refused(self, protocol: str, exc: Exception, counted: bool = False) -> None:
+        """Count a refused message (and the message itself, if not yet counted)."""
+        if not counted:
+            self.metrics.messages_received.labels(protocol).inc()
+        if isinstance(exc, AuthenticationError):
+            self.metrics.auth_failures.labels(protocol).inc()
+        self.metrics.messages_refused.labels(protocol, refusal_reason(exc)).inc()

@@ -1,0 +1,52 @@
+"""What every component is handed by the composition root (no globals anywhere)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from iiot.bus import CommandRouter, LiveBus
+from iiot.config import Settings
+from iiot.ingest import Ingestor
+from iiot.metrics import Metrics
+from iiot.pipeline import Pipeline
+from iiot.registry import DeviceRegistry
+from iiot.storage.base import Store
+
+__all__ = ["Health", "HealthBoard", "Services"]
+
+State = Literal["up", "down", "off"]
+
+
+@dataclass(slots=True)
+class Health:
+    """A component's readiness: up, down (with why) or off (with why)."""
+
+    state: State
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class HealthBoard:
+    """Readiness of every component, reported by the components themselves."""
+
+    components: dict[str, Health] = field(default_factory=dict)
+
+    def set(self, name: str, state: State, detail: str = "") -> None:
+        """Record a component's state."""
+        self.components[name] = Health(state, detail)
+
+
+@dataclass(slots=True)
+class Services:
+    """The platform's shared parts, built once by `app.Platform`."""
+
+    settings: Settings
+    store: Store
+    bus: LiveBus
+    metrics: Metrics
+    registry: DeviceRegistry
+    pipeline: Pipeline
+    ingestor: Ingestor
+    commands: CommandRouter
+    health: HealthBoard

@@ -1,0 +1,73 @@
+"""Reconnection and retry helpers shared by every component (one place, not one per adapter)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+__all__ = ["Backoff", "supervise"]
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Bounded exponential backoff with jitter."""
+
+    initial_s: float = 0.1
+    max_s: float = 5.0
+    factor: float = 2.0
+    _current: float = 0.0
+
+    def next_delay(self) -> float:
+        """The next wait: doubles up to the bound, with ±20 % jitter."""
+        self._current = (
+            self.initial_s if self._current == 0 else min(self._current * self.factor, self.max_s)
+        )
+        return self._current * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        """Start again from the shortest wait (after a success)."""
+        self._current = 0.0
+
+
+async def supervise(
+    name: str,
+    run: Callable[[Callable[[], None]], Awaitable[None]],
+    logger: logging.Logger,
+    on_state: Callable[[bool, str], None] | None = None,
+    backoff: Backoff | None = None,
+) -> None:
+    """Run `run(connected)` forever, reconnecting with backoff when it fails.
+
+    `run` connects, calls `connected()` once it is up, then serves until the connection
+    is lost (it returns or raises). Being down is logged once and recovery once, not on
+    every attempt. Cancellation stops the loop.
+    """
+    delay = backoff or Backoff()
+    down = False
+
+    def connected() -> None:
+        nonlocal down
+        delay.reset()
+        if on_state is not None:
+            on_state(True, "connected")
+        if down:
+            logger.warning("%s recovered", name)
+            down = False
+
+    while True:
+        try:
+            await run(connected)
+            reason = "connection closed"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the supervisor's whole job is to outlive any failure
+            reason = f"{type(exc).__name__}: {exc}"
+        if on_state is not None:
+            on_state(False, reason)
+        if not down:
+            logger.error("%s down (%s); reconnecting with backoff", name, reason)
+            down = True
+        await asyncio.sleep(delay.next_delay())

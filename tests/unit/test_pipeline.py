@@ -1,0 +1,136 @@
+"""The ingest pipeline: ack after commit, batching, backpressure, outage and recovery.
+
+A small in-memory writer stands in for the store here (the store itself is covered by the
+contract suite against SQLite and PostgreSQL); it can be told to fail like a database that
+is down, or to hold a write until released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+import pytest
+
+from iiot.bus import LiveBus, TelemetryEvent
+from iiot.errors import InvalidRequest, StorageUnavailable
+from iiot.metrics import Metrics
+from iiot.model import Device, DevicePoints, Point
+from iiot.pipeline import Pipeline, PipelineSettings
+
+DEVICE = Device(uuid.uuid4(), uuid.uuid4(), "press-1", "active")
+
+
+def points(n: int, start: int = 0) -> DevicePoints:
+    return DevicePoints(DEVICE, tuple(Point("p", start + i, i) for i in range(n)))
+
+
+class MemoryWriter:
+    def __init__(self) -> None:
+        self.batches: list[list[DevicePoints]] = []
+        self.failures_left = 0
+        self.gate: asyncio.Event | None = None
+        self.refuse = False
+
+    async def write_points(self, batch: Sequence[DevicePoints]) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise StorageUnavailable("database is down")
+        if self.refuse:
+            raise InvalidRequest("refused for good")
+        self.batches.append(list(batch))
+
+    @property
+    def stored(self) -> list[int]:
+        return [p.ts for batch in self.batches for item in batch for p in item.points]
+
+
+def pipeline(writer: MemoryWriter, bus: LiveBus | None = None, **kw: float) -> Pipeline:
+    settings = PipelineSettings(**{"max_delay_s": 0.01, "commit_timeout_s": 5.0, **kw})
+    return Pipeline(writer, bus or LiveBus(), Metrics(), settings)  # type: ignore[arg-type]
+
+
+async def test_submit_returns_only_after_commit_and_publishes_on_bus() -> None:
+    writer, bus = MemoryWriter(), LiveBus()
+    events = bus.subscribe()
+    writer.gate = asyncio.Event()
+    async with pipeline(writer, bus) as pipe:
+        task = asyncio.create_task(pipe.submit(points(3), "test"))
+        await asyncio.sleep(0.05)
+        assert not task.done(), "acknowledged before the write committed"
+        writer.gate.set()
+        await asyncio.wait_for(task, 5)
+    assert writer.stored == [0, 1, 2]
+    event = events.get_nowait()
+    assert isinstance(event, TelemetryEvent)
+    assert [p.ts for p in event.batch[0].points] == [0, 1, 2]
+
+
+async def test_concurrent_messages_share_batches_up_to_the_size_limit() -> None:
+    writer = MemoryWriter()
+    async with pipeline(writer, max_batch_points=100, max_delay_s=0.05) as pipe:
+        await asyncio.gather(*(pipe.submit(points(10, i * 10), "test") for i in range(50)))
+    assert sorted(writer.stored) == list(range(500))
+    assert all(sum(len(i.points) for i in b) <= 100 for b in writer.batches)
+    assert len(writer.batches) < 50, "messages were not batched together"
+
+
+async def test_outage_holds_points_and_resumes_without_loss() -> None:
+    writer = MemoryWriter()
+    writer.failures_left = 3
+    async with pipeline(writer) as pipe:
+        await asyncio.wait_for(pipe.submit(points(5), "test"), 10)
+        assert pipe.storage_ok
+    assert writer.stored == [0, 1, 2, 3, 4]
+
+
+async def test_commit_timeout_withdraws_points_not_yet_written() -> None:
+    writer = MemoryWriter()
+    writer.gate = asyncio.Event()
+    async with pipeline(writer, commit_timeout_s=0.2, max_batch_points=5) as pipe:
+        first = asyncio.create_task(pipe.submit(points(5), "test"))  # taken by the writer
+        await asyncio.sleep(0.05)
+        with pytest.raises(StorageUnavailable):
+            await pipe.submit(points(5, 100), "test")  # still queued: withdrawn
+        assert pipe.queued_points == 5
+        with pytest.raises(StorageUnavailable):
+            await first
+        writer.gate.set()
+    assert writer.stored == [0, 1, 2, 3, 4], "the withdrawn message must not be written"
+
+
+async def test_full_queue_makes_producers_wait_instead_of_dropping() -> None:
+    writer = MemoryWriter()
+    writer.gate = asyncio.Event()
+    async with pipeline(writer, queue_max_points=10, max_batch_points=10) as pipe:
+        tasks = [asyncio.create_task(pipe.submit(points(5, i * 5), "test")) for i in range(4)]
+        await asyncio.sleep(0.1)
+        assert pipe.queued_points <= 10, "queue grew past its bound"
+        writer.gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert sorted(writer.stored) == list(range(20))
+
+
+async def test_a_batch_refused_for_good_fails_its_senders_and_the_pipeline_goes_on() -> None:
+    writer = MemoryWriter()
+    async with pipeline(writer) as pipe:
+        writer.refuse = True
+        with pytest.raises(InvalidRequest):
+            await pipe.submit(points(2), "test")
+        writer.refuse = False
+        await pipe.submit(points(2, 10), "test")
+    assert writer.stored == [10, 11]
+
+
+async def test_close_flushes_what_was_accepted() -> None:
+    writer = MemoryWriter()
+    pipe = pipeline(writer, max_delay_s=1.0)
+    await pipe.__aenter__()
+    tasks = [asyncio.create_task(pipe.submit(points(1, i), "test")) for i in range(10)]
+    await asyncio.sleep(0.01)
+    await pipe.close()
+    await asyncio.gather(*tasks)
+    assert sorted(writer.stored) == list(range(10))
