@@ -71,8 +71,13 @@ class Store(Protocol):
         ...
 
     async def update_tenant(
-        self, scope: Scope, tenant_id: UUID, *, name: str | None = None,
-        retention_days: int | None = None, clear_retention: bool = False,
+        self,
+        scope: Scope,
+        tenant_id: UUID,
+        *,
+        name: str | None = None,
+        retention_days: int | None = None,
+        clear_retention: bool = False,
     ) -> Tenant:
         """Rename a tenant or change its telemetry retention."""
         ...
@@ -105,7 +110,11 @@ class Store(Protocol):
         ...
 
     async def update_user(
-        self, scope: Scope, user_id: UUID, *, password_hash: str | None = None,
+        self,
+        scope: Scope,
+        user_id: UUID,
+        *,
+        password_hash: str | None = None,
         role: Role | None = None,
     ) -> User:
         """Change a user's password hash or role."""
@@ -133,7 +142,11 @@ class Store(Protocol):
         ...
 
     async def update_device(
-        self, scope: Scope, device_id: UUID, *, name: str | None = None,
+        self,
+        scope: Scope,
+        device_id: UUID,
+        *,
+        name: str | None = None,
         status: str | None = None,
     ) -> Device:
         """Rename a device or change its status."""

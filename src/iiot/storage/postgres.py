@@ -1,0 +1,869 @@
+"""`PostgresStore`: the `Store` on PostgreSQL through an asyncpg connection pool.
+
+A telemetry batch is COPYed straight into `telemetry`; only when it repeats stored points
+does it go through a per-connection temporary staging table and `INSERT ... ON CONFLICT`.
+The latest values are upserted in the same transaction. Connection failures are
+translated into `StorageUnavailable` here, at the edge; the pool replaces broken
+connections by itself once the server answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
+from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
+from iiot.storage import _common
+from iiot.storage.base import Page, Scope, TelemetryQuery
+
+__all__ = ["PostgresStore"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that mean "the server cannot be reached or the connection broke": the operation
+# did not complete and may be retried later.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    # asyncpg raises this for a pooled connection whose backend was terminated while idle
+    # (MagicStack/asyncpg#784, #1069): a dead connection like any other.
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    OSError,
+    TimeoutError,
+)
+# A pooled connection that died while idle (server restart, pg_terminate_backend) or a
+# transaction that lost a deadlock: retrying an idempotent operation once at once hides it.
+_RETRY_ONCE: tuple[type[BaseException], ...] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+# Transient conflicts between transactions: after the retry they count as "unavailable".
+_TRANSIENT = (*_UNAVAILABLE, *_RETRY_ONCE)
+
+# A fixed key for pg_advisory_xact_lock, so concurrent starts apply migrations one by one.
+_MIGRATION_LOCK = 7_402_315_001
+
+_VALUE_COLS = "num_value, int_value, bool_value, str_value"
+_STAGE_DDL = """
+CREATE TEMPORARY TABLE IF NOT EXISTS telemetry_stage (
+    device_id uuid NOT NULL, key text NOT NULL, ts bigint NOT NULL,
+    num_value double precision, int_value bigint, bool_value boolean, str_value text
+) ON COMMIT DELETE ROWS
+"""
+_STAGE_COLUMNS = ("device_id", "key", "ts", "num_value", "int_value", "bool_value", "str_value")
+# Sorted by the primary key: every writer takes row locks in the same order (no deadlock
+# between overlapping batches) and the b-tree is filled left to right.
+_MERGE_TELEMETRY = f"""
+INSERT INTO telemetry AS t (device_id, key, ts, {_VALUE_COLS})
+SELECT device_id, key, ts, {_VALUE_COLS} FROM telemetry_stage ORDER BY device_id, key, ts
+ON CONFLICT (device_id, key, ts) DO UPDATE
+SET num_value = EXCLUDED.num_value, int_value = EXCLUDED.int_value,
+    bool_value = EXCLUDED.bool_value, str_value = EXCLUDED.str_value
+WHERE (t.num_value, t.int_value, t.bool_value, t.str_value)
+      IS DISTINCT FROM (EXCLUDED.num_value, EXCLUDED.int_value, EXCLUDED.bool_value,
+                        EXCLUDED.str_value)
+"""
+# The newest point per (device, key) of the batch, computed in Python, sent as arrays.
+# First a plain UPDATE of the rows that exist: ON CONFLICT DO UPDATE would also write a
+# row lock (and its WAL record) for every row, which made it twice as slow. A late (older)
+# point never replaces a newer latest value; the same ts replaces it.
+_UPDATE_LATEST = f"""
+UPDATE telemetry_latest AS l
+SET ts = u.ts, num_value = u.num_value, int_value = u.int_value,
+    bool_value = u.bool_value, str_value = u.str_value
+FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::double precision[],
+            $5::bigint[], $6::boolean[], $7::text[])
+     AS u(device_id, key, ts, {_VALUE_COLS})
+WHERE l.device_id = u.device_id AND l.key = u.key AND u.ts >= l.ts
+"""
+# When some rows were not updated (a new key, or a late point): the full upsert, which
+# inserts new keys and leaves the others alone. Sorted, so that concurrent batches take
+# row locks in the same order.
+_MERGE_LATEST = f"""
+INSERT INTO telemetry_latest AS l (device_id, key, ts, {_VALUE_COLS})
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::double precision[],
+                     $5::bigint[], $6::boolean[], $7::text[])
+ORDER BY 1, 2
+ON CONFLICT (device_id, key) DO UPDATE
+SET ts = EXCLUDED.ts, num_value = EXCLUDED.num_value, int_value = EXCLUDED.int_value,
+    bool_value = EXCLUDED.bool_value, str_value = EXCLUDED.str_value
+WHERE EXCLUDED.ts > l.ts OR (EXCLUDED.ts = l.ts AND
+      (l.num_value, l.int_value, l.bool_value, l.str_value)
+      IS DISTINCT FROM (EXCLUDED.num_value, EXCLUDED.int_value, EXCLUDED.bool_value,
+                        EXCLUDED.str_value))
+"""
+_AGG_SQL = {
+    "avg": "avg(num)",
+    "min": "min(num)",
+    "max": "max(num)",
+    "sum": "sum(num)",
+    "count": "count(*)",
+}
+_TENANT_COLS = "id, name, created_at, retention_days"
+_USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
+_DEVICE_COLS = "id, tenant_id, name, status, created_at"
+
+
+async def _init_connection(conn: Any) -> None:
+    """Give each new pooled connection its own staging table (temporary: no WAL, no bloat)."""
+    await conn.execute(_STAGE_DDL)
+
+
+async def _reset_connection(conn: Any) -> None:
+    """Make a connection fit for the next caller when it goes back to the pool.
+
+    asyncpg's default reset runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL` on every release: one more round trip per call, for session features this store
+    never uses (its advisory lock is transaction-scoped). Only an open transaction, which
+    an interrupted call may leave behind, needs undoing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+def _describe(url: str) -> str:
+    """host:port/db of a URL, without the password, for messages."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+def _tenant(row: Any) -> Tenant:
+    return Tenant(row["id"], row["name"], row["created_at"], row["retention_days"])
+
+
+def _user(row: Any) -> User:
+    return User(
+        id=row["id"],
+        username=row["username"],
+        role=Role(row["role"]),
+        tenant_id=row["tenant_id"],
+        password_hash=row["password_hash"],
+        created_at=row["created_at"],
+    )
+
+
+def _device(row: Any) -> Device:
+    return Device(row["id"], row["tenant_id"], row["name"], row["status"], row["created_at"])
+
+
+def _value(row: Any) -> Scalar:
+    return _common.value_from_columns(
+        row["num_value"], row["int_value"], row["bool_value"], row["str_value"]
+    )
+
+
+class PostgresStore:
+    """The `Store` on PostgreSQL (asyncpg pool); reusable, not reentrant."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        """Remember the settings; nothing connects before `__aenter__`."""
+        # asyncpg understands postgresql:// and postgres:// alike.
+        self._url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        self._pool: Any = None
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        """Open the pool and bring the schema up to date."""
+        if self._pool is not None:
+            raise RuntimeError("PostgresStore is already open")
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=self._connect_timeout,
+                init=_init_connection,
+                reset=_reset_connection,
+                # Idle connections are closed so that a failover leaves no stale ones.
+                max_inactive_connection_lifetime=300.0,
+            )
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise StorageUnavailable(
+                f"cannot connect to PostgreSQL at {_describe(self._url)}: {exc}"
+            ) from exc
+        try:
+            await self._run(self._migrate, retry=False)
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Close every connection of the pool."""
+        await self._close()
+
+    async def _close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def _migrate(self, conn: Any) -> None:
+        async with conn.transaction():
+            # Held until commit: a second process starting at once waits here, then sees
+            # the versions the first one applied.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " version integer PRIMARY KEY, name text NOT NULL, applied_at bigint NOT NULL)"
+            )
+            applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_version")}
+            for migration in _common.load_migrations("postgres"):
+                if migration.version in applied:
+                    continue
+                log.info("applying PostgreSQL migration %s", migration.name)
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    _common.now_ms(),
+                )
+
+    async def _run(self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
+        """Run `op` on a pooled connection; connection failures become `StorageUnavailable`.
+
+        With `retry`, an operation that failed on a connection that broke while idle is
+        run once more on a fresh one; only idempotent operations may ask for this.
+        """
+        if self._pool is None:
+            raise RuntimeError("PostgresStore is not open (use `async with`)")
+        attempts = 2 if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._pool.acquire() as conn:
+                    try:
+                        return await op(conn)
+                    except _UNAVAILABLE:
+                        # Never hand a dead or confused connection to the next caller.
+                        # Its idle siblings most likely died with it (server restart,
+                        # failover): replace them all on their next use.
+                        with contextlib.suppress(asyncpg.InterfaceError):
+                            conn.terminate()  # unless the pool already took it back
+                        await self._pool.expire_connections()
+                        raise
+            except _TRANSIENT as exc:
+                if attempt < attempts and isinstance(exc, _RETRY_ONCE):
+                    log.debug("retrying after a broken connection: %s", exc)
+                    continue
+                raise StorageUnavailable(
+                    f"PostgreSQL at {_describe(self._url)} is unavailable: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> None:
+        """Raise `StorageUnavailable` when the database cannot answer now."""
+
+        async def op(conn: Any) -> None:
+            await conn.fetchval("SELECT 1")
+
+        await self._run(op)
+
+    # --- tenants -----------------------------------------------------------------------
+    async def create_tenant(self, name: str) -> Tenant:
+        """Create a tenant; `Conflict` if the name is taken."""
+
+        async def op(conn: Any) -> Tenant:
+            try:
+                row = await conn.fetchrow(
+                    f"INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)"
+                    f" RETURNING {_TENANT_COLS}",
+                    uuid4(),
+                    name,
+                    _common.now_ms(),
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"a tenant named {name!r} already exists") from exc
+            return _tenant(row)
+
+        return await self._run(op, retry=False)
+
+    async def get_tenant(self, scope: Scope, tenant_id: UUID) -> Tenant:
+        """One tenant visible in the scope."""
+        if scope is not None and scope != tenant_id:
+            raise NotFound(f"tenant {tenant_id} not found")
+
+        async def op(conn: Any) -> Tenant:
+            row = await conn.fetchrow(
+                f"SELECT {_TENANT_COLS} FROM tenants WHERE id = $1", tenant_id
+            )
+            if row is None:
+                raise NotFound(f"tenant {tenant_id} not found")
+            return _tenant(row)
+
+        return await self._run(op)
+
+    async def list_tenants(self, scope: Scope, limit: int, offset: int) -> Page[Tenant]:
+        """Tenants visible in the scope, by name."""
+        _common.check_page(limit, offset)
+
+        async def op(conn: Any) -> Page[Tenant]:
+            where = "WHERE ($1::uuid IS NULL OR id = $1)"
+            total = await conn.fetchval(f"SELECT count(*) FROM tenants {where}", scope)
+            rows = await conn.fetch(
+                f"SELECT {_TENANT_COLS} FROM tenants {where} ORDER BY name LIMIT $2 OFFSET $3",
+                scope,
+                limit,
+                offset,
+            )
+            return Page([_tenant(r) for r in rows], int(total))
+
+        return await self._run(op)
+
+    async def update_tenant(
+        self,
+        scope: Scope,
+        tenant_id: UUID,
+        *,
+        name: str | None = None,
+        retention_days: int | None = None,
+        clear_retention: bool = False,
+    ) -> Tenant:
+        """Rename a tenant or change its telemetry retention."""
+        if scope is not None and scope != tenant_id:
+            raise NotFound(f"tenant {tenant_id} not found")
+        if retention_days is not None and retention_days <= 0:
+            raise InvalidRequest(f"retention_days must be > 0 (got {retention_days})")
+
+        async def op(conn: Any) -> Tenant:
+            try:
+                row = await conn.fetchrow(
+                    f"UPDATE tenants SET name = coalesce($2, name),"
+                    f" retention_days = CASE WHEN $4 THEN NULL"
+                    f" ELSE coalesce($3, retention_days) END"
+                    f" WHERE id = $1 RETURNING {_TENANT_COLS}",
+                    tenant_id,
+                    name,
+                    retention_days,
+                    clear_retention,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"a tenant named {name!r} already exists") from exc
+            if row is None:
+                raise NotFound(f"tenant {tenant_id} not found")
+            return _tenant(row)
+
+        return await self._run(op)
+
+    async def delete_tenant(self, scope: Scope, tenant_id: UUID) -> None:
+        """Delete a tenant with its users, devices and telemetry."""
+        if scope is not None and scope != tenant_id:
+            raise NotFound(f"tenant {tenant_id} not found")
+
+        async def op(conn: Any) -> None:
+            async with conn.transaction():
+                # Lock the devices in id order (as writers do) so that in-flight batches
+                # finish first and none can add rows to a device being deleted.
+                ids = [
+                    r["id"]
+                    for r in await conn.fetch(
+                        "SELECT id FROM devices WHERE tenant_id = $1 ORDER BY id FOR UPDATE",
+                        tenant_id,
+                    )
+                ]
+                status = await conn.execute("DELETE FROM tenants WHERE id = $1", tenant_id)
+                if status == "DELETE 0":
+                    raise NotFound(f"tenant {tenant_id} not found")
+                await conn.execute("DELETE FROM telemetry WHERE device_id = ANY($1::uuid[])", ids)
+
+        await self._run(op)
+
+    # --- users -------------------------------------------------------------------------
+    async def create_user(
+        self, tenant_id: UUID | None, username: str, password_hash: str, role: Role
+    ) -> User:
+        """Create a user; usernames are unique across the platform (`Conflict`)."""
+        role = Role(role)
+        _common.check_user_tenant(role, tenant_id)
+
+        async def op(conn: Any) -> User:
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO users (id, username, password_hash, role, tenant_id, created_at)"
+                    f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_USER_COLS}",
+                    uuid4(),
+                    username,
+                    password_hash,
+                    role.value,
+                    tenant_id,
+                    _common.now_ms(),
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"a user named {username!r} already exists") from exc
+            except asyncpg.ForeignKeyViolationError as exc:
+                raise NotFound(f"tenant {tenant_id} not found") from exc
+            return _user(row)
+
+        return await self._run(op, retry=False)
+
+    async def get_user(self, scope: Scope, user_id: UUID) -> User:
+        """One user visible in the scope."""
+
+        async def op(conn: Any) -> User:
+            row = await conn.fetchrow(
+                f"SELECT {_USER_COLS} FROM users WHERE id = $1"
+                " AND ($2::uuid IS NULL OR tenant_id = $2)",
+                user_id,
+                scope,
+            )
+            if row is None:
+                raise NotFound(f"user {user_id} not found")
+            return _user(row)
+
+        return await self._run(op)
+
+    async def find_user(self, username: str) -> User | None:
+        """The user with this username, for login (not scoped)."""
+
+        async def op(conn: Any) -> User | None:
+            row = await conn.fetchrow(
+                f"SELECT {_USER_COLS} FROM users WHERE username = $1", username
+            )
+            return None if row is None else _user(row)
+
+        return await self._run(op)
+
+    async def count_users(self) -> int:
+        """How many users exist (to create the first administrator)."""
+
+        async def op(conn: Any) -> int:
+            return int(await conn.fetchval("SELECT count(*) FROM users"))
+
+        return await self._run(op)
+
+    async def list_users(self, scope: Scope, limit: int, offset: int) -> Page[User]:
+        """Users visible in the scope, by username."""
+        _common.check_page(limit, offset)
+
+        async def op(conn: Any) -> Page[User]:
+            where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
+            total = await conn.fetchval(f"SELECT count(*) FROM users {where}", scope)
+            rows = await conn.fetch(
+                f"SELECT {_USER_COLS} FROM users {where} ORDER BY username LIMIT $2 OFFSET $3",
+                scope,
+                limit,
+                offset,
+            )
+            return Page([_user(r) for r in rows], int(total))
+
+        return await self._run(op)
+
+    async def update_user(
+        self,
+        scope: Scope,
+        user_id: UUID,
+        *,
+        password_hash: str | None = None,
+        role: Role | None = None,
+    ) -> User:
+        """Change a user's password hash or role."""
+
+        async def op(conn: Any) -> User:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    f"SELECT {_USER_COLS} FROM users WHERE id = $1"
+                    " AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE",
+                    user_id,
+                    scope,
+                )
+                if row is None:
+                    raise NotFound(f"user {user_id} not found")
+                if role is not None:
+                    _common.check_user_tenant(Role(role), row["tenant_id"])
+                row = await conn.fetchrow(
+                    "UPDATE users SET password_hash = coalesce($2, password_hash),"
+                    f" role = coalesce($3, role) WHERE id = $1 RETURNING {_USER_COLS}",
+                    user_id,
+                    password_hash,
+                    None if role is None else Role(role).value,
+                )
+                return _user(row)
+
+        return await self._run(op)
+
+    async def delete_user(self, scope: Scope, user_id: UUID) -> None:
+        """Delete a user."""
+
+        async def op(conn: Any) -> None:
+            status = await conn.execute(
+                "DELETE FROM users WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
+                user_id,
+                scope,
+            )
+            if status == "DELETE 0":
+                raise NotFound(f"user {user_id} not found")
+
+        await self._run(op, retry=False)
+
+    # --- devices -----------------------------------------------------------------------
+    async def create_device(self, tenant_id: UUID, name: str, token_hash: str) -> Device:
+        """Create an `active` device; `Conflict` if the name is taken in the tenant."""
+
+        async def op(conn: Any) -> Device:
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO devices (id, tenant_id, name, status, token_hash, created_at)"
+                    f" VALUES ($1, $2, $3, 'active', $4, $5) RETURNING {_DEVICE_COLS}",
+                    uuid4(),
+                    tenant_id,
+                    name,
+                    token_hash,
+                    _common.now_ms(),
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise _device_conflict(exc, name) from exc
+            except asyncpg.ForeignKeyViolationError as exc:
+                raise NotFound(f"tenant {tenant_id} not found") from exc
+            return _device(row)
+
+        return await self._run(op, retry=False)
+
+    async def get_device(self, scope: Scope, device_id: UUID) -> Device:
+        """One device visible in the scope."""
+
+        async def op(conn: Any) -> Device:
+            return await self._scoped_device(conn, scope, device_id)
+
+        return await self._run(op)
+
+    @staticmethod
+    async def _scoped_device(conn: Any, scope: Scope, device_id: UUID) -> Device:
+        row = await conn.fetchrow(
+            f"SELECT {_DEVICE_COLS} FROM devices WHERE id = $1"
+            " AND ($2::uuid IS NULL OR tenant_id = $2)",
+            device_id,
+            scope,
+        )
+        if row is None:
+            raise NotFound(f"device {device_id} not found")
+        return _device(row)
+
+    async def find_device_by_token_hash(self, token_hash: str) -> Device | None:
+        """The device whose token hashes to this value (not scoped: the token is the proof)."""
+
+        async def op(conn: Any) -> Device | None:
+            row = await conn.fetchrow(
+                f"SELECT {_DEVICE_COLS} FROM devices WHERE token_hash = $1", token_hash
+            )
+            return None if row is None else _device(row)
+
+        return await self._run(op)
+
+    async def list_devices(self, scope: Scope, limit: int, offset: int) -> Page[Device]:
+        """Devices visible in the scope, by name."""
+        _common.check_page(limit, offset)
+
+        async def op(conn: Any) -> Page[Device]:
+            where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
+            total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", scope)
+            rows = await conn.fetch(
+                f"SELECT {_DEVICE_COLS} FROM devices {where} ORDER BY name, id LIMIT $2 OFFSET $3",
+                scope,
+                limit,
+                offset,
+            )
+            return Page([_device(r) for r in rows], int(total))
+
+        return await self._run(op)
+
+    async def update_device(
+        self,
+        scope: Scope,
+        device_id: UUID,
+        *,
+        name: str | None = None,
+        status: str | None = None,
+    ) -> Device:
+        """Rename a device or change its status."""
+
+        async def op(conn: Any) -> Device:
+            try:
+                row = await conn.fetchrow(
+                    "UPDATE devices SET name = coalesce($3, name), status = coalesce($4, status)"
+                    " WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)"
+                    f" RETURNING {_DEVICE_COLS}",
+                    device_id,
+                    scope,
+                    name,
+                    status,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise _device_conflict(exc, name or "") from exc
+            if row is None:
+                raise NotFound(f"device {device_id} not found")
+            return _device(row)
+
+        return await self._run(op)
+
+    async def set_device_token_hash(self, scope: Scope, device_id: UUID, token_hash: str) -> None:
+        """Replace a device's token hash (rotation)."""
+
+        async def op(conn: Any) -> None:
+            try:
+                status = await conn.execute(
+                    "UPDATE devices SET token_hash = $3"
+                    " WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
+                    device_id,
+                    scope,
+                    token_hash,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict("this device token is already in use") from exc
+            if status == "UPDATE 0":
+                raise NotFound(f"device {device_id} not found")
+
+        await self._run(op)
+
+    async def delete_device(self, scope: Scope, device_id: UUID) -> None:
+        """Delete a device and its telemetry."""
+
+        async def op(conn: Any) -> None:
+            async with conn.transaction():
+                # The row lock of the DELETE waits for batches holding FOR KEY SHARE on
+                # this device; later batches then find it gone and skip its points, so
+                # the telemetry deleted next cannot gain new rows.
+                status = await conn.execute(
+                    "DELETE FROM devices WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
+                    device_id,
+                    scope,
+                )
+                if status == "DELETE 0":
+                    raise NotFound(f"device {device_id} not found")
+                await conn.execute("DELETE FROM telemetry WHERE device_id = $1", device_id)
+
+        await self._run(op, retry=False)
+
+    # --- telemetry ---------------------------------------------------------------------
+    async def write_points(self, batch: Sequence[DevicePoints]) -> None:
+        """Store points in one transaction and update latest values.
+
+        Idempotent: a (device, key, ts) already stored keeps one row (the newer value wins).
+        Points of devices deleted meanwhile are skipped (logged), so that the rest of the
+        batch commits and a pipeline never retries a batch forever. Raises
+        `StorageUnavailable` when the database cannot be reached; then nothing of the batch
+        is committed and the caller may retry it whole.
+        """
+        rows = _common.batch_rows(batch)
+        if not rows.rows:
+            return
+
+        async def op(conn: Any) -> None:
+            # Almost every batch holds only new points, and a COPY straight into the table
+            # is the fastest way in. A batch that repeats stored points (a retry, a device
+            # resending) makes that COPY fail on the primary key; the transaction is then
+            # run again the general way: COPY into the staging table, INSERT ... ON
+            # CONFLICT. (A savepoint instead would stamp every row with a subtransaction.)
+            try:
+                await self._write_transaction(conn, rows, merge=False)
+            except (asyncpg.UniqueViolationError, asyncpg.exceptions.DeadlockDetectedError):
+                await self._write_transaction(conn, rows, merge=True)
+
+        # Idempotent by design, so a broken idle connection is retried at once.
+        await self._run(op)
+
+    @staticmethod
+    async def _write_transaction(conn: Any, rows: _common.BatchRows, *, merge: bool) -> None:
+        """One transaction storing the rows of live devices and their latest values."""
+        async with conn.transaction():
+            # One lock per device instead of one foreign-key check per row; a concurrent
+            # delete_device waits for this commit (see delete_device).
+            alive = {
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM devices WHERE id = ANY($1::uuid[]) ORDER BY id FOR KEY SHARE",
+                    rows.device_ids,
+                )
+            }
+            if len(alive) != len(rows.device_ids):
+                kept = rows.without(alive)
+                log.warning(
+                    "skipped %d points of %d deleted device(s)",
+                    len(rows.rows) - len(kept.rows),
+                    len(rows.device_ids) - len(alive),
+                )
+                rows = kept
+                if not rows.rows:
+                    return
+            if merge:
+                await conn.copy_records_to_table(
+                    "telemetry_stage",
+                    records=_common.dedup_rows(rows.rows),
+                    columns=_STAGE_COLUMNS,
+                )
+                await conn.execute(_MERGE_TELEMETRY)
+            else:
+                await conn.copy_records_to_table(
+                    "telemetry", records=rows.rows, columns=_STAGE_COLUMNS
+                )
+            columns = [list(c) for c in zip(*rows.newest, strict=True)]
+            status = await conn.execute(_UPDATE_LATEST, *columns)
+            if status != f"UPDATE {len(rows.newest)}":
+                await conn.execute(_MERGE_LATEST, *columns)
+
+    async def query_telemetry(
+        self, scope: Scope, device_id: UUID, query: TelemetryQuery
+    ) -> dict[str, list[tuple[int, Scalar]]]:
+        """Raw points or aggregates per key, as (ts, value) pairs in the query's order.
+
+        Only keys with data in [start, end) appear. Aggregates are computed per bucket
+        `floor(ts / interval) * interval`; avg/min/max/sum use numbers only (booleans and
+        strings are skipped, and a bucket without numbers is left out); count counts every
+        point. Numeric aggregates are floats, counts ints.
+        """
+        _common.check_query(query)
+        direction = "DESC" if query.order == "desc" else "ASC"
+
+        async def op(conn: Any) -> dict[str, list[tuple[int, Scalar]]]:
+            await self._scoped_device(conn, scope, device_id)
+            keys = await self._keys(conn, device_id, query.keys)
+            if not keys or query.end <= query.start or query.limit == 0:
+                return {}
+            if query.agg == "none":
+                rows = await conn.fetch(
+                    f"SELECT k.key, t.ts, t.num_value, t.int_value, t.bool_value, t.str_value"
+                    f" FROM unnest($2::text[]) WITH ORDINALITY AS k(key, n)"
+                    f" CROSS JOIN LATERAL (SELECT ts, {_VALUE_COLS} FROM telemetry"
+                    f"  WHERE device_id = $1 AND key = k.key AND ts >= $3 AND ts < $4"
+                    f"  ORDER BY ts {direction} LIMIT $5) AS t"
+                    f" ORDER BY k.n, t.ts {direction}",
+                    device_id,
+                    keys,
+                    query.start,
+                    query.end,
+                    query.limit,
+                )
+                return _common.group_rows((r["key"], r["ts"], _value(r)) for r in rows)
+            rows = await conn.fetch(
+                f"""
+                WITH p AS (
+                    SELECT key, ts - ((ts % $5) + $5) % $5 AS bucket,
+                           coalesce(num_value, int_value::double precision) AS num
+                    FROM telemetry
+                    WHERE device_id = $1 AND key = ANY($2::text[]) AND ts >= $3 AND ts < $4
+                ), g AS (
+                    SELECT key, bucket, {_AGG_SQL[query.agg]} AS value
+                    FROM p GROUP BY key, bucket
+                ), r AS (
+                    SELECT key, bucket, value,
+                           row_number() OVER (PARTITION BY key ORDER BY bucket {direction}) AS n
+                    FROM g WHERE value IS NOT NULL
+                )
+                SELECT key, bucket, value FROM r WHERE n <= $6 ORDER BY key, bucket {direction}
+                """,
+                device_id,
+                keys,
+                query.start,
+                query.end,
+                query.interval_ms,
+                query.limit,
+            )
+            if query.agg == "count":
+                return _common.group_rows((r["key"], r["bucket"], int(r["value"])) for r in rows)
+            return _common.group_rows((r["key"], r["bucket"], float(r["value"])) for r in rows)
+
+        return await self._run(op)
+
+    @staticmethod
+    async def _keys(conn: Any, device_id: UUID, keys: tuple[str, ...] | None) -> list[str]:
+        if keys is not None:
+            return list(dict.fromkeys(keys))
+        # Every key ever written has a latest row: far cheaper than scanning telemetry.
+        rows = await conn.fetch(
+            "SELECT key FROM telemetry_latest WHERE device_id = $1 ORDER BY key", device_id
+        )
+        return [r["key"] for r in rows]
+
+    async def latest(
+        self, scope: Scope, device_id: UUID, keys: Sequence[str] | None = None
+    ) -> dict[str, Point]:
+        """The newest point (largest ts) of each key of a device."""
+
+        async def op(conn: Any) -> dict[str, Point]:
+            await self._scoped_device(conn, scope, device_id)
+            rows = await conn.fetch(
+                f"SELECT key, ts, {_VALUE_COLS} FROM telemetry_latest WHERE device_id = $1"
+                " AND ($2::text[] IS NULL OR key = ANY($2::text[])) ORDER BY key",
+                device_id,
+                None if keys is None else list(keys),
+            )
+            return {r["key"]: Point(r["key"], r["ts"], _value(r)) for r in rows}
+
+        return await self._run(op)
+
+    async def delete_telemetry_before(self, tenant_id: UUID, before_ts: int) -> int:
+        """Delete a tenant's raw telemetry older than `before_ts`; returns rows removed.
+
+        Works in small batches, each its own short transaction, one (device, key) range of
+        the primary key at a time: ingestion and readers never wait long behind it, and a
+        crash midway leaves only committed batches (running it again finishes the job).
+        """
+        batch = 5000  # rows per transaction: a few tens of ms of row locks at most
+
+        async def series(conn: Any) -> list[tuple[UUID, str]]:
+            # Every key ever written has a latest row (kept by retention): the index ranges.
+            rows = await conn.fetch(
+                "SELECT l.device_id, l.key FROM telemetry_latest l"
+                " JOIN devices d ON d.id = l.device_id WHERE d.tenant_id = $1"
+                " ORDER BY l.device_id, l.key",
+                tenant_id,
+            )
+            return [(r["device_id"], r["key"]) for r in rows]
+
+        removed = 0
+        for device_id, key in await self._run(series):
+            while True:
+
+                async def chunk(conn: Any, device_id: UUID = device_id, key: str = key) -> int:
+                    # The batch ends at the batch-th oldest expired point (ts is unique
+                    # within a series), so each DELETE is one bounded index range.
+                    status = await conn.execute(
+                        "DELETE FROM telemetry WHERE device_id = $1 AND key = $2 AND ts <"
+                        " coalesce((SELECT ts + 1 FROM telemetry WHERE device_id = $1"
+                        "  AND key = $2 AND ts < $3 ORDER BY ts OFFSET $4 - 1 LIMIT 1), $3)",
+                        device_id,
+                        key,
+                        before_ts,
+                        batch,
+                    )
+                    return int(status.rsplit(" ", 1)[1])
+
+                deleted = await self._run(chunk)
+                removed += deleted
+                if deleted < batch:
+                    break
+        return removed
+
+
+def _device_conflict(exc: Any, name: str) -> Conflict:
+    if getattr(exc, "constraint_name", None) == "devices_token_hash_key":
+        return Conflict("this device token is already in use")
+    return Conflict(f"a device named {name!r} already exists in this tenant")
