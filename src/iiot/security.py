@@ -1,4 +1,4 @@
-"""Passwords (bcrypt), device tokens (random, stored as SHA-256 hashes), JWTs and login throttling."""
+"""Passwords (bcrypt), device tokens (SHA-256 hashed), JWT access tokens, login throttling."""
 
 from __future__ import annotations
 

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from iiot.errors import StorageUnavailable
 from iiot.services import Services
 
 router = APIRouter(tags=["health"])
+
+
+class ComponentOut(BaseModel):
+    """A component's state and why."""
+
+    state: Literal["up", "down", "off"]
+    detail: str
+
+
+class ReadyOut(BaseModel):
+    """Readiness of the database and every protocol."""
+
+    status: Literal["ready", "not ready"]
+    components: dict[str, ComponentOut]
 
 
 @router.get("/healthz", summary="The process is alive")
@@ -19,17 +34,28 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Each protocol and the database: up, down or off, and why")
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    summary="Each protocol and the database: up, down or off, and why",
+    responses={503: {"model": ReadyOut, "description": "A component is down"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: 200 when every enabled component is up, else 503."""
     services: Services = request.app.state.services
     components: dict[str, Any] = {}
     try:
         await services.store.ping()
-        components["database"] = {
-            "state": "up",
-            "detail": services.settings.effective_database_url.split("://")[0],
-        }
+        if services.pipeline.storage_ok:
+            components["database"] = {
+                "state": "up",
+                "detail": services.settings.effective_database_url.split("://")[0],
+            }
+        else:
+            components["database"] = {
+                "state": "down",
+                "detail": f"writes failing: {services.pipeline.last_error}",
+            }
     except StorageUnavailable as exc:
         components["database"] = {"state": "down", "detail": str(exc)}
     for name, health in sorted(services.health.components.items()):
@@ -41,7 +67,12 @@ async def readyz(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     """Every platform metric in the Prometheus text format."""
     services: Services = request.app.state.services
