@@ -1,0 +1,333 @@
+"""MQTT ingestion throughput: QoS 1 through Mosquitto into PostgreSQL (not a test).
+
+    .venv/bin/python -m bench.bench_mqtt [--quick] [--json PATH]
+
+Figures (points/s, all measured in one run on the same PostgreSQL and Mosquitto):
+  a) end to end: publisher processes send QoS 1 messages of 3 points (explicit ts) for 1,000
+     simulated devices to a private Mosquitto; the platform (`MqttAdapter`, PostgreSQL store)
+     consumes `devices/+/telemetry` and acks after commit. Timed from the first publish to
+     the last point committed;
+  b) the raw COPY limit: asyncpg `copy_records_to_table` of the same number of rows into a
+     table shaped like `telemetry`, one COPY and commit per 5,000 points (the platform's
+     batch size);
+  c) a naive subscriber (the design this platform replaces): paho with automatic acks,
+     one INSERT of the message's 3 points and one commit per message.
+Goal: a) >= 40 % of b) and >= 20 times c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+ADMIN_URL = os.environ.get(
+    "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+DEVICES = 1000
+BASE_TS = 1_767_225_600_000
+PUBLISHERS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _payload(seq: int) -> bytes:
+    values = {"temperature": seq * 0.5, "pressure": seq, "running": seq % 2 == 0}
+    return json.dumps({"ts": BASE_TS + seq, "values": values}).encode()
+
+
+def _publish(port: int, device_ids: list[str], start: int, count: int, topic_fmt: str) -> None:
+    """A publisher process: `count` QoS 1 messages round-robin over the devices."""
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-pub-{uuid.uuid4().hex[:8]}",
+        protocol=paho.MQTTv311,
+    )
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = []
+    for seq in range(start, start + count):
+        device_id = device_ids[seq % len(device_ids)]
+        infos.append(client.publish(topic_fmt.format(device_id), _payload(seq), qos=1))
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _run_publishers(port: int, device_ids: list[str], messages: int, topic_fmt: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    share = messages // PUBLISHERS
+    procs = [
+        context.Process(target=_publish, args=(port, device_ids, i * share, share, topic_fmt))
+        for i in range(PUBLISHERS)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(180)
+
+
+@asynccontextmanager
+async def _database() -> AsyncIterator[str]:
+    name = f"iiot_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    parts = urlsplit(ADMIN_URL)
+    try:
+        yield urlunsplit(parts._replace(path="/" + name))
+    finally:
+        admin = await asyncpg.connect(ADMIN_URL)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+class _Mosquitto:
+    """A private broker: anonymous, no limits on queued or in-flight messages."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        config = workdir / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            "max_queued_messages 0\nmax_inflight_messages 0\npersistence false\n"
+        )
+        self.proc = subprocess.Popen(
+            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def _end_to_end(db_url: str, broker: _Mosquitto, workdir: Path, messages: int) -> float:
+    from iiot.app import Platform
+    from iiot.config import load_settings
+
+    env = {
+        "IIOT_DATA_DIR": str(workdir / "data"),
+        "IIOT_DATABASE_URL": db_url,
+        "IIOT_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}?client_id=iiot-bench",
+        "IIOT_HTTP_PORT": "0",
+        "IIOT_COAP_PORT": "0",
+        "IIOT_OPCUA_PORT": "0",
+        "IIOT_ADMIN_PASSWORD": "bench-password",
+        "IIOT_BCRYPT_ROUNDS": "4",
+        "IIOT_LOG_LEVEL": "WARNING",
+    }
+    async with Platform(load_settings(env)) as platform:
+        services = platform.services
+        tenant = await services.store.create_tenant("bench")
+        device_ids = []
+        for index in range(DEVICES):
+            device, _ = await services.registry.create_device(tenant.id, f"d{index}")
+            device_ids.append(str(device.id))
+        while services.health.components.get("mqtt") is None or (  # noqa: ASYNC110 (polling a gauge on purpose)
+            services.health.components["mqtt"].state != "up"
+        ):
+            await asyncio.sleep(0.05)
+        stored = services.metrics.points_stored.labels("mqtt")
+        expected = messages // PUBLISHERS * PUBLISHERS * 3
+        started = time.perf_counter()
+        publishers = asyncio.create_task(
+            asyncio.to_thread(
+                _run_publishers, broker.port, device_ids, messages, "devices/{}/telemetry"
+            )
+        )
+        deadline = time.monotonic() + 180
+        while stored._value.get() < expected and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        conn = await asyncpg.connect(db_url)
+        try:
+            # The counter also counts points written twice (a retried batch): the table decides.
+            rows = await conn.fetchval("SELECT count(*) FROM telemetry")
+            while rows < expected and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                rows = await conn.fetchval("SELECT count(*) FROM telemetry")
+            elapsed = time.perf_counter() - started
+        finally:
+            await conn.close()
+        await publishers
+        if rows != expected:
+            raise RuntimeError(f"stored {rows} points, expected {expected}")
+        return expected / elapsed
+
+
+async def _copy_limit(db_url: str, points: int) -> float:
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("CREATE TABLE copy_limit (LIKE telemetry INCLUDING ALL)")
+        device_ids = [uuid.uuid4() for _ in range(DEVICES)]
+        rows = []
+        for seq in range(points // 3):
+            device_id = device_ids[seq % DEVICES]
+            ts = BASE_TS + seq
+            rows.append((device_id, "temperature", ts, seq * 0.5, None, None, None))
+            rows.append((device_id, "pressure", ts, None, seq, None, None))
+            rows.append((device_id, "running", ts, None, None, seq % 2 == 0, None))
+        started = time.perf_counter()
+        for offset in range(0, len(rows), 5000):
+            async with conn.transaction():
+                await conn.copy_records_to_table("copy_limit", records=rows[offset : offset + 5000])
+        return len(rows) / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+async def _naive(db_url: str, broker: _Mosquitto, messages: int) -> float:
+    """Per message: decode, INSERT its 3 points, commit (auto-acked by paho)."""
+    conn = await asyncpg.connect(db_url)
+    await conn.execute("CREATE TABLE naive (LIKE telemetry INCLUDING ALL)")
+    inbox: queue.Queue[paho.MQTTMessage] = queue.Queue()
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id="bench-naive",
+        protocol=paho.MQTTv311,
+    )
+    client.on_message = lambda c, u, m: inbox.put(m)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect("127.0.0.1", broker.port)
+    client.subscribe("naive/+/telemetry", qos=1)
+    client.loop_start()
+    subscribed.wait(10)
+    device_ids = [str(uuid.uuid4()) for _ in range(DEVICES)]
+    publishers = asyncio.create_task(
+        asyncio.to_thread(_run_publishers, broker.port, device_ids, messages, "naive/{}/telemetry")
+    )
+    expected = messages // PUBLISHERS * PUBLISHERS
+    sql = (
+        "INSERT INTO naive (device_id, key, ts, num_value, int_value, bool_value)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+    )
+    started = time.perf_counter()
+    done = 0
+    try:
+        while done < expected:
+            message = await asyncio.to_thread(inbox.get, True, 60)
+            device_id = uuid.UUID(message.topic.split("/")[1])
+            body = json.loads(message.payload)
+            ts, values = body["ts"], body["values"]
+            async with conn.transaction():
+                await conn.executemany(
+                    sql,
+                    [
+                        (device_id, "temperature", ts, values["temperature"], None, None),
+                        (device_id, "pressure", ts, None, values["pressure"], None),
+                        (device_id, "running", ts, None, None, values["running"]),
+                    ],
+                )
+            done += 1
+        elapsed = time.perf_counter() - started
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        await publishers
+        await conn.close()
+    return done * 3 / elapsed
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    messages = 6_000 if quick else 40_000
+    naive_messages = 1_000 if quick else 3_000
+    workdir = Path(tempfile.mkdtemp(prefix="iiot-bench-mqtt-"))
+    broker = _Mosquitto(workdir)
+    try:
+        async with _database() as db_url:
+            end_to_end = await _end_to_end(db_url, broker, workdir, messages)
+            copy = await _copy_limit(db_url, messages * 3)
+            naive = await _naive(db_url, broker, naive_messages)
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    vs_copy, vs_naive = end_to_end / copy, end_to_end / naive
+    return {
+        "name": "mqtt",
+        "figures": [
+            {
+                "label": "MQTT QoS 1 -> PostgreSQL, end to end (1,000 devices, 3 points/msg)",
+                "value": round(end_to_end),
+                "unit": "points/s",
+                "baseline_label": "raw COPY limit (5,000-point batches)",
+                "baseline_value": round(copy),
+                "ratio": round(vs_copy, 3),
+            },
+            {
+                "label": "MQTT QoS 1 -> PostgreSQL, end to end",
+                "value": round(end_to_end),
+                "unit": "points/s",
+                "baseline_label": "naive subscriber (INSERT + commit per message)",
+                "baseline_value": round(naive),
+                "ratio": round(vs_naive, 1),
+            },
+        ],
+        "notes": [
+            f"{messages} messages through a private Mosquitto, {PUBLISHERS} publisher processes",
+            f"goal >= 40% of COPY: {'met' if vs_copy >= 0.4 else 'NOT met'} ({vs_copy:.0%}); "
+            f"goal >= 20x naive: {'met' if vs_naive >= 20 else 'NOT met'} ({vs_naive:.1f}x)",
+        ],
+        "params": {"messages": messages, "devices": DEVICES, "naive_messages": naive_messages},
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Run the benchmark and return its figures."""
+    return asyncio.run(_run(quick))
+
+
+def main() -> None:
+    """Print the figures (and write them to --json PATH)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    result = run(args.quick)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
