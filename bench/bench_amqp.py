@@ -1,0 +1,331 @@
+"""AMQP ingestion throughput: RabbitMQ -> platform -> PostgreSQL, beside two baselines.
+
+All in one run, on loopback, against the local RabbitMQ and PostgreSQL:
+1. a throwaway PostgreSQL database `iiot_bench_amqp_<pid>` with 1,000 devices;
+2. raw COPY limit: the same rows COPYed straight into `telemetry` (one connection, large
+   transactions, no broker, no parsing): the most the database takes;
+3. the platform end to end: N persistent messages (3 points each, 1,000 devices, real
+   tokens) are queued in `telemetry` first, then the platform is started and timed until
+   every point is committed (acknowledged after commit, as in production);
+4. a naive consumer: aio-pika, one message at a time, one INSERT transaction per message,
+   then basic.ack — what a first attempt usually looks like.
+
+Goal (issue 4): end to end >= 40 % of the COPY limit and >= 20 x the naive consumer.
+The broker's `iiot`/`telemetry` names are the platform's own; they are deleted before and
+after, so do not run this beside the AMQP tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+from uuid import UUID
+
+import aio_pika
+import aiormq
+import asyncpg
+
+from iiot.app import Platform
+from iiot.config import load_settings
+from iiot.security import hash_token, new_device_token
+from iiot.storage import open_store
+
+__all__ = ["main", "run"]
+
+ADMIN_URL = os.environ.get("IIOT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+AMQP_URL = os.environ.get("IIOT_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DEVICES = 1_000
+KEYS = ("temperature", "pressure", "running")
+BASE_TS = 1_767_225_600_000
+EXCHANGE, QUEUE, REJECTED = "iiot", "telemetry", "telemetry.rejected"
+
+
+def _db_url(name: str) -> str:
+    parts = urlsplit(ADMIN_URL)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def _body(seq: int) -> bytes:
+    return json.dumps(
+        {
+            "ts": BASE_TS + seq // DEVICES,
+            "values": {"temperature": 20 + seq % 100 / 10, "pressure": seq % 7, "running": True},
+        }
+    ).encode()
+
+
+def _rows(devices: list[tuple[UUID, str]], messages: int) -> list[tuple[Any, ...]]:
+    """The telemetry rows the messages carry (num/int/bool columns as the store writes them)."""
+    rows = []
+    for seq in range(messages):
+        device_id = devices[seq % DEVICES][0]
+        ts = BASE_TS + seq // DEVICES
+        rows.append((device_id, "temperature", ts, 20 + seq % 100 / 10, None, None, None))
+        rows.append((device_id, "pressure", ts, None, seq % 7, None, None))
+        rows.append((device_id, "running", ts, None, None, True, None))
+    return rows
+
+
+async def _make_devices(db_url: str) -> list[tuple[UUID, str]]:
+    store = open_store(db_url)
+    async with store:
+        tenant = await store.create_tenant("bench")
+        devices = []
+        for i in range(DEVICES):
+            token = new_device_token()
+            device = await store.create_device(tenant.id, f"dev-{i:04d}", hash_token(token))
+            devices.append((device.id, token))
+    return devices
+
+
+async def _reset_broker() -> None:
+    connection = await aio_pika.connect(AMQP_URL, timeout=10)
+    async with connection:
+        for name in (QUEUE, REJECTED):
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(name)
+            except aiormq.exceptions.ChannelClosed:
+                continue
+        channel = await connection.channel()
+        with contextlib.suppress(aiormq.exceptions.ChannelClosed):
+            await channel.exchange_delete(EXCHANGE)
+
+
+async def _publish(devices: list[tuple[UUID, str]], messages: int, offset: int = 0) -> None:
+    """Queue persistent messages (with publisher confirms) before anybody consumes."""
+    connection = await aio_pika.connect(AMQP_URL, timeout=10)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(QUEUE, durable=True)
+        await queue.bind(exchange, "telemetry.*")
+        window = 2_000
+        for start in range(offset, offset + messages, window):
+            sends = []
+            for seq in range(start, min(start + window, offset + messages)):
+                device_id, token = devices[seq % DEVICES]
+                message = aio_pika.Message(
+                    _body(seq),
+                    headers={"token": token},
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                sends.append(exchange.publish(message, f"telemetry.{device_id}", timeout=60))
+            await asyncio.gather(*sends)
+
+
+async def _truncate(db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("TRUNCATE telemetry, telemetry_latest")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+async def _copy_limit(db_url: str, rows: list[tuple[Any, ...]]) -> float:
+    """Points/s of plain COPY into the telemetry table, 15,000 rows per transaction."""
+    conn = await asyncpg.connect(db_url)
+    columns = ("device_id", "key", "ts", "num_value", "int_value", "bool_value", "str_value")
+    try:
+        started = time.perf_counter()
+        for i in range(0, len(rows), 15_000):
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "telemetry", records=rows[i : i + 15_000], columns=columns
+                )
+        return len(rows) / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+async def _platform(db_url: str, points: int) -> tuple[float, dict[str, Any]]:
+    """Points/s of the platform draining the pre-filled queue into PostgreSQL."""
+    env = {
+        "IIOT_DATA_DIR": tempfile.mkdtemp(prefix="iiot-bench-amqp-"),
+        "IIOT_DATABASE_URL": db_url,
+        "IIOT_AMQP_URL": AMQP_URL,
+        "IIOT_HTTP_PORT": "0",
+        "IIOT_MQTT_PORT": "0",
+        "IIOT_COAP_PORT": "0",
+        "IIOT_OPCUA_PORT": "0",
+        "IIOT_ADMIN_PASSWORD": "bench-password",
+        "IIOT_BCRYPT_ROUNDS": "4",
+        "IIOT_LOG_LEVEL": "WARNING",
+    }
+    settings = load_settings(env)
+    started = time.perf_counter()
+    async with Platform(settings) as platform:
+        stored = platform.services.metrics.points_stored.labels("amqp")
+        deadline = time.monotonic() + 120
+        while stored._value.get() < points:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {stored._value.get():.0f} of {points} points stored")
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        batches = platform.services.metrics.batch_points
+        samples = {
+            s.name: s.value
+            for s in batches.collect()[0].samples
+            if s.name.endswith(("_sum", "_count"))
+        }
+    detail = {
+        "batches": samples.get("iiot_batch_points_count"),
+        "mean_batch_points": (
+            samples["iiot_batch_points_sum"] / samples["iiot_batch_points_count"]
+            if samples.get("iiot_batch_points_count")
+            else None
+        ),
+    }
+    return points / elapsed, detail
+
+
+async def _naive(db_url: str, messages: int) -> float:
+    """Points/s of a consumer that inserts and commits each message, then acks it."""
+    by_token: dict[str, UUID] = {}
+    conn = await asyncpg.connect(db_url)
+    connection = await aio_pika.connect(AMQP_URL, timeout=10)
+    done = 0
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.declare_queue(QUEUE, durable=True)
+        started = time.perf_counter()
+        async with queue.iterator() as messages_in:
+            async for message in messages_in:
+                token = str(message.headers["token"])
+                device_id = by_token.get(token)
+                if device_id is None:
+                    device_id = await conn.fetchval(
+                        "SELECT id FROM devices WHERE token_hash = $1", hash_token(token)
+                    )
+                    by_token[token] = device_id
+                payload = json.loads(message.body)
+                values = payload["values"]
+                async with conn.transaction():
+                    await conn.executemany(
+                        "INSERT INTO telemetry (device_id, key, ts, num_value, int_value,"
+                        " bool_value) VALUES ($1, $2, $3, $4, $5, $6)"
+                        " ON CONFLICT DO NOTHING",
+                        [
+                            (
+                                device_id,
+                                "temperature",
+                                payload["ts"],
+                                values["temperature"],
+                                None,
+                                None,
+                            ),
+                            (device_id, "pressure", payload["ts"], None, values["pressure"], None),
+                            (device_id, "running", payload["ts"], None, None, values["running"]),
+                        ],
+                    )
+                await message.ack()
+                done += 1
+                if done >= messages:
+                    break
+        return 3 * done / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+        await conn.close()
+
+
+async def _run(quick: bool) -> dict[str, Any]:
+    messages = 20_000 if quick else 60_000
+    naive_messages = 1_000 if quick else 3_000
+    points = 3 * messages
+    name = f"iiot_bench_amqp_{os.getpid()}"
+    admin = await asyncpg.connect(ADMIN_URL)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    db_url = _db_url(name)
+    try:
+        await _reset_broker()
+        devices = await _make_devices(db_url)
+        rows = _rows(devices, messages)
+
+        await _truncate(db_url)
+        copy_rate = await _copy_limit(db_url, rows)
+        del rows
+
+        await _truncate(db_url)
+        await _publish(devices, messages)
+        platform_rate, detail = await _platform(db_url, points)
+
+        await _truncate(db_url)
+        await _publish(devices, naive_messages, offset=messages)
+        naive_rate = await _naive(db_url, naive_messages)
+    finally:
+        await _reset_broker()
+        admin = await asyncpg.connect(ADMIN_URL)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+    vs_copy = platform_rate / copy_rate
+    vs_naive = platform_rate / naive_rate
+    label = f"AMQP -> PostgreSQL, {DEVICES} devices, 3 points/message"
+    return {
+        "name": "amqp",
+        "figures": [
+            {
+                "label": label,
+                "value": round(platform_rate),
+                "unit": "points/s",
+                "baseline_label": "raw COPY into telemetry (same rows)",
+                "baseline_value": round(copy_rate),
+                "ratio": round(vs_copy, 3),
+                "kind": "throughput",
+            },
+            {
+                "label": label,
+                "value": round(platform_rate),
+                "unit": "points/s",
+                "baseline_label": "naive consumer (insert + commit per message)",
+                "baseline_value": round(naive_rate),
+                "ratio": round(vs_naive, 1),
+                "kind": "throughput",
+            },
+        ],
+        "notes": [
+            f"{messages} persistent messages queued first, then drained by the platform "
+            "(ack after commit, prefetch 1000); time includes platform start",
+            f"goal >= 40 % of COPY: {'met' if vs_copy >= 0.4 else 'NOT met'} ({vs_copy:.0%}); "
+            f"goal >= 20 x naive: {'met' if vs_naive >= 20 else 'NOT met'} ({vs_naive:.1f} x)",
+        ],
+        "params": {"messages": messages, "naive_messages": naive_messages, "devices": DEVICES},
+        "detail": detail,
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Run the benchmark and return its figures (see bench/README.md)."""
+    return asyncio.run(_run(quick))
+
+
+def main() -> None:
+    """Print the result; `--json PATH` also writes it, `--quick` runs a smaller load."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller load")
+    parser.add_argument("--json", type=Path, help="write the result to this file")
+    args = parser.parse_args()
+    result = run(quick=args.quick)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
