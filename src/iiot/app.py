@@ -19,6 +19,7 @@ from iiot.adapters.base import Component
 from iiot.bus import CommandRouter, LiveBus
 from iiot.codec import Limits
 from iiot.config import Settings
+from iiot.errors import Conflict
 from iiot.ingest import Ingestor
 from iiot.metrics import Metrics
 from iiot.model import Role
@@ -71,6 +72,18 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
         else:
             health.set("amqp", "off", "IIOT_AMQP_URL unset")
             log.info("AMQP ingestion off (IIOT_AMQP_URL unset)")
+    if role in ("all", "ingest"):
+        from iiot.retention import RetentionJob
+
+        components.append(RetentionJob(services))
+    if role != "all" and settings.uses_postgres:  # live values between split roles
+        from iiot.livebridge import LiveBridge
+
+        components.append(LiveBridge(services))
+    if role == "ingest" and settings.http_port:  # supervisors still need /healthz
+        from iiot.ops_http import OpsHttpServer
+
+        components.append(OpsHttpServer(services))
     if role in ("all", "api") and settings.http_port:
         from iiot.api.server import HttpServer
 
@@ -153,9 +166,17 @@ async def ensure_admin(store: Store, settings: Settings) -> None:
     """Create the first system administrator when no user exists yet."""
     if await store.count_users() > 0:
         return
-    password = settings.admin_password
-    if password is None:
-        password = secrets.token_urlsafe(18)
+    password = settings.admin_password or secrets.token_urlsafe(18)
+    try:
+        await store.create_user(
+            None,
+            settings.admin_username,
+            hash_password(password, settings.bcrypt_rounds),
+            Role.SYSADMIN,
+        )
+    except Conflict:
+        return  # another platform process (a second role) created it at the same moment
+    if settings.admin_password is None:
         path = settings.data_dir / "admin-password"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -166,12 +187,6 @@ async def ensure_admin(store: Store, settings: Settings) -> None:
             f"(also stored in {path}, mode 0600)",
             flush=True,
         )
-    await store.create_user(
-        None,
-        settings.admin_username,
-        hash_password(password, settings.bcrypt_rounds),
-        Role.SYSADMIN,
-    )
 
 
 async def run_platform(settings: Settings, role: RunRole = "all") -> None:

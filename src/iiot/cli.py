@@ -12,6 +12,7 @@ import getpass
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from uuid import UUID
 
 from iiot import __version__
@@ -61,6 +62,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Bring the database schema up to date.",
     )
     sub.add_parser("version", help="print the version", description="Print the version.")
+
+    backup = sub.add_parser(
+        "backup",
+        help="write a consistent backup of the database to a file",
+        description="Write a consistent backup of the configured database (taken while the "
+        "platform runs) to one file with a manifest and checksums (mode 0600).",
+    )
+    backup.add_argument("path", help="the backup file to write (replaced atomically)")
+    restore = sub.add_parser(
+        "restore",
+        help="restore a backup file into the database",
+        description="Restore a backup (of SQLite or PostgreSQL) into the configured database "
+        "(either kind). Refuses a damaged file, and a database that holds data unless "
+        "--force. Stop the platform first.",
+    )
+    restore.add_argument("path", help="the backup file to read")
+    restore.add_argument(
+        "--force", action="store_true", help="replace the contents of a non-empty database"
+    )
 
     tenant = sub.add_parser("tenant", help="manage tenants", description="Manage tenants.")
     tenant_sub = tenant.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -168,11 +188,33 @@ def _cmd_run(settings: Settings, args: argparse.Namespace) -> None:
 
     if args.workers < 1:
         raise InvalidRequest(f"--workers {args.workers}: expected 1 or more")
+    if args.workers > 1:
+        from iiot.workers import run_workers
+
+        run_workers(settings, args.role, args.workers)
+        return
     asyncio.run(run_platform(settings, args.role))
+
+
+def _cmd_backup(settings: Settings, args: argparse.Namespace) -> None:
+    from iiot.backup import backup
+
+    manifest = asyncio.run(backup(settings.effective_database_url, Path(args.path)))
+    print(f"backup written to {args.path}: {manifest.summary()}")
+
+
+def _cmd_restore(settings: Settings, args: argparse.Namespace) -> None:
+    from iiot.backup import restore
+
+    url = settings.effective_database_url
+    manifest = asyncio.run(restore(url, Path(args.path), force=args.force))
+    print(f"restored {args.path} into {url.split(':')[0]}: {manifest.summary()}")
 
 
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
     "run": _cmd_run,
+    "backup": _cmd_backup,
+    "restore": _cmd_restore,
     "migrate": _cmd_migrate,
     "tenant": _cmd_tenant,
     "user": _cmd_user,

@@ -47,6 +47,8 @@ class Settings:
     jwt_ttl_s: int = 3600
     login_attempts_per_minute: int = 10
     log_level: str = "INFO"
+    retention_interval_s: int = 3600  # how often tenants' telemetry retention is applied
+    http_reuse_port: bool = False  # set by `iiot run --workers N`: N processes share the port
 
     @property
     def effective_database_url(self) -> str:
@@ -170,6 +172,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_ttl_s": _int_between(60, 30 * 24 * 3600),
     "login_attempts_per_minute": _int_between(1, 100_000),
     "log_level": _log_level,
+    "retention_interval_s": _int_between(1, 7 * 24 * 3600),
+    "http_reuse_port": _bool,
 }
 
 

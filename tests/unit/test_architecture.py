@@ -41,20 +41,39 @@ def violations(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
 
 
 def test_adapters_do_not_reach_into_storage_or_the_api() -> None:
-    forbidden = ("iiot.storage.sqlite", "iiot.storage.postgres", "iiot.api", "asyncpg",
-                 "sqlite3", "aiosqlite", "iiot.app")
+    forbidden = (
+        "iiot.storage.sqlite",
+        "iiot.storage.postgres",
+        "iiot.api",
+        "asyncpg",
+        "sqlite3",
+        "aiosqlite",
+        "iiot.app",
+    )
     assert violations(modules("adapters"), forbidden) == []
 
 
 def test_storage_does_not_import_upper_layers() -> None:
-    forbidden = ("iiot.adapters", "iiot.api", "iiot.pipeline", "iiot.app", "iiot.ingest",
-                 "iiot.registry", "iiot.cli")
+    forbidden = (
+        "iiot.adapters",
+        "iiot.api",
+        "iiot.pipeline",
+        "iiot.app",
+        "iiot.ingest",
+        "iiot.registry",
+        "iiot.cli",
+    )
     assert violations(modules("storage"), forbidden) == []
 
 
 def test_api_uses_storage_only_through_its_interface() -> None:
-    forbidden = ("iiot.storage.sqlite", "iiot.storage.postgres", "iiot.adapters", "asyncpg",
-                 "sqlite3")
+    forbidden = (
+        "iiot.storage.sqlite",
+        "iiot.storage.postgres",
+        "iiot.adapters",
+        "asyncpg",
+        "sqlite3",
+    )
     assert violations(modules("api"), forbidden) == []
 
 
@@ -66,8 +85,17 @@ def test_pure_modules_do_no_io(module: str) -> None:
 
 def test_nothing_is_built_at_import_time() -> None:
     # Module-level calls that build long-lived objects belong in the composition root.
-    builders = {"load_settings", "open_store", "create_api", "Platform", "Metrics", "FastAPI",
-                "Settings", "LiveBus", "Pipeline"}
+    builders = {
+        "load_settings",
+        "open_store",
+        "create_api",
+        "Platform",
+        "Metrics",
+        "FastAPI",
+        "Settings",
+        "LiveBus",
+        "Pipeline",
+    }
     offenders = []
     for path in SRC.rglob("*.py"):
         for node in ast.parse(path.read_text()).body:

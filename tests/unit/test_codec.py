@@ -86,8 +86,9 @@ def test_points_limit_counts_across_items() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children,
-                                                                       max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3)
+    ),
     max_leaves=10,
 )
 
@@ -120,9 +121,12 @@ def test_any_json_document_parses_or_raises_the_codec_error(document: object) ->
 @given(
     st.dictionaries(
         st.text(min_size=1, max_size=MAX_KEY_LENGTH),
-        st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+        st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
         | st.text(),
-        min_size=1, max_size=20,
+        min_size=1,
+        max_size=20,
     ),
     st.integers(min_value=0, max_value=2**45),
 )

@@ -19,10 +19,13 @@ def test_defaults_are_the_embedded_ones() -> None:
 
 
 def test_environment_overrides() -> None:
-    settings = load_settings({
-        "IIOT_HTTP_PORT": "9000", "IIOT_OPCUA_ALLOW_NONE": "yes",
-        "IIOT_DATABASE_URL": "postgresql://postgres@127.0.0.1/test",
-    })
+    settings = load_settings(
+        {
+            "IIOT_HTTP_PORT": "9000",
+            "IIOT_OPCUA_ALLOW_NONE": "yes",
+            "IIOT_DATABASE_URL": "postgresql://postgres@127.0.0.1/test",
+        }
+    )
     assert settings.http_port == 9000
     assert settings.opcua_allow_none is True
     assert settings.uses_postgres
@@ -52,7 +55,7 @@ def test_bad_values_name_variable_value_and_expectation(
 
 def test_toml_file_is_read_and_environment_wins(tmp_path: Path) -> None:
     config = tmp_path / "iiot.toml"
-    config.write_text('http_port = 9100\ncoap_port = 0\nopcua_allow_none = true\n')
+    config.write_text("http_port = 9100\ncoap_port = 0\nopcua_allow_none = true\n")
     settings = load_settings({"IIOT_CONFIG": str(config), "IIOT_HTTP_PORT": "9200"})
     assert (settings.http_port, settings.coap_port, settings.opcua_allow_none) == (9200, 0, True)
 

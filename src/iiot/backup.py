@@ -1,0 +1,617 @@
+"""Backups: one file holding a consistent dump of the database, a manifest and checksums.
+
+A backup is an uncompressed tar archive (mode 0600: it holds password and token hashes):
+
+- `manifest.json` (first member): format and version, source store kind, schema version,
+  creation time, and for each table its columns, row count, and the SHA-256 and size of
+  its data member;
+- `data/<table>.tsv.gz`: the table's rows in PostgreSQL's COPY text format (tab-separated,
+  backslash escapes, `\\N` for NULL), gzip-compressed.
+
+The data format is the same for both stores, so a backup of the embedded SQLite database
+can be restored into PostgreSQL (the usual way to move off SQLite) and the reverse.
+
+Consistency while ingestion runs: PostgreSQL is read with COPY inside one `REPEATABLE
+READ` read-only transaction (one snapshot for every table; writers are never blocked);
+SQLite is first copied with its online backup API in one step (a read transaction, which
+in WAL mode does not block the writer), then dumped from that snapshot.
+
+A restore verifies the manifest and every checksum before it touches the database, refuses
+a non-empty database unless forced, and loads every table in one transaction: it either
+completes or changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sqlite3
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+from uuid import UUID
+
+from iiot import __version__
+from iiot.errors import IIoTError, StorageUnavailable
+from iiot.storage import open_store
+
+__all__ = ["BackupError", "Manifest", "TableEntry", "backup", "read_manifest", "restore"]
+
+FORMAT = "iiot-backup"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# (table, ((column, kind), ...)) in restore order (parents before children). Kinds say how
+# a SQLite value maps to the COPY text form: uuid (16-byte blob), text, int, float, bool.
+_TABLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "tenants",
+        (("id", "uuid"), ("name", "text"), ("created_at", "int"), ("retention_days", "int")),
+    ),
+    (
+        "users",
+        (
+            ("id", "uuid"),
+            ("username", "text"),
+            ("password_hash", "text"),
+            ("role", "text"),
+            ("tenant_id", "uuid"),
+            ("created_at", "int"),
+        ),
+    ),
+    (
+        "devices",
+        (
+            ("id", "uuid"),
+            ("tenant_id", "uuid"),
+            ("name", "text"),
+            ("status", "text"),
+            ("token_hash", "text"),
+            ("created_at", "int"),
+        ),
+    ),
+    *(
+        (
+            name,
+            (
+                ("device_id", "uuid"),
+                ("key", "text"),
+                ("ts", "int"),
+                ("num_value", "float"),
+                ("int_value", "int"),
+                ("bool_value", "bool"),
+                ("str_value", "text"),
+            ),
+        )
+        for name in ("telemetry", "telemetry_latest")
+    ),
+)
+_KINDS = {name: dict(columns) for name, columns in _TABLES}
+
+
+class BackupError(IIoTError):
+    """A backup cannot be made, or a file is damaged, mismatched or refused by the target."""
+
+
+@dataclass(frozen=True, slots=True)
+class TableEntry:
+    """One table in a backup: its data member, columns, row count and checksum."""
+
+    file: str
+    columns: list[str]
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What a backup holds, read before anything is restored."""
+
+    store: str  # "sqlite" or "postgresql"
+    schema_version: int
+    created_at: str  # ISO 8601, UTC
+    iiot_version: str = __version__
+    tables: dict[str, TableEntry] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def rows(self, table: str) -> int:
+        """Rows of one table in the backup (0 if absent)."""
+        entry = self.tables.get(table)
+        return entry.rows if entry else 0
+
+    def summary(self) -> str:
+        """One line for operators: counts per kind of object."""
+        return (
+            f"{self.rows('tenants')} tenants, {self.rows('users')} users, "
+            f"{self.rows('devices')} devices, {self.rows('telemetry')} points "
+            f"({self.store}, schema {self.schema_version}, made {self.created_at})"
+        )
+
+    def to_json(self) -> bytes:
+        """The manifest as pretty JSON."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        """Parse and validate a manifest; `BackupError` says what is wrong."""
+        try:
+            raw = json.loads(data)
+            if raw.get("format") != FORMAT:
+                raise BackupError(f"not an iiot backup (format {raw.get('format')!r})")
+            if raw.get("format_version") != FORMAT_VERSION:
+                raise BackupError(
+                    f"backup format version {raw.get('format_version')!r} is not supported "
+                    f"by iiot {__version__} (it reads version {FORMAT_VERSION})"
+                )
+            tables = {name: TableEntry(**entry) for name, entry in raw["tables"].items()}
+            return cls(
+                store=str(raw["store"]),
+                schema_version=int(raw["schema_version"]),
+                created_at=str(raw["created_at"]),
+                iiot_version=str(raw["iiot_version"]),
+                tables=tables,
+            )
+        except BackupError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BackupError(f"the backup's manifest is damaged: {exc}") from None
+
+
+# --- COPY text format ------------------------------------------------------------------
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_ESCAPE_RE = re.compile(r"[\\\t\n\r]")
+_UNESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
+_UNESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _escape(text: str) -> str:
+    return _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group()], text)
+
+
+def _unescape_one(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if code[0] == "x" and len(code) > 1:
+        return chr(int(code[1:], 16))
+    if code[0] in "01234567":
+        return chr(int(code, 8))
+    return _UNESCAPES.get(code, code)
+
+
+def _unescape(text: str) -> str:
+    return _UNESCAPE_RE.sub(_unescape_one, text) if "\\" in text else text
+
+
+def _encode(value: Any, kind: str) -> str:
+    """A SQLite value as a COPY text field."""
+    if value is None:
+        return "\\N"
+    if kind == "uuid":
+        return str(UUID(bytes=value))
+    if kind == "bool":
+        return "t" if value else "f"
+    if kind == "int":
+        return str(int(value))
+    if kind == "float":
+        return repr(float(value))  # shortest text that reads back to the same double
+    return _escape(str(value))
+
+
+def _decode(text: str, kind: str) -> Any:
+    """A COPY text field as a SQLite value."""
+    if text == "\\N":
+        return None
+    if kind == "uuid":
+        return UUID(text).bytes
+    if kind == "bool":
+        return 1 if text == "t" else 0
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    return _unescape(text)
+
+
+# --- helpers ---------------------------------------------------------------------------
+def _store_kind(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        return "sqlite"
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql"
+    raise BackupError(f"cannot back up {scheme!r} databases: expected sqlite or postgresql")
+
+
+def _sqlite_path(url: str) -> Path:
+    return Path(url[len("sqlite:///") :])
+
+
+def _describe(url: str) -> str:
+    """The database without its password, for messages."""
+    if _store_kind(url) == "sqlite":
+        return f"SQLite {_sqlite_path(url)}"
+    parts = urlsplit(url)
+    return f"PostgreSQL {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _write_archive(path: Path, manifest: Manifest, folder: Path) -> None:
+    """Write the tar next to `path`, fsync it, then rename it into place (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, 0o600)  # password and token hashes inside
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w") as tar:
+            data = manifest.to_json()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
+            tar.addfile(info, io.BytesIO(data))
+            for entry in manifest.tables.values():
+                tar.add(folder / Path(entry.file).name, arcname=entry.file, recursive=False)
+            tar.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- backup ----------------------------------------------------------------------------
+async def backup(database_url: str, path: Path) -> Manifest:
+    """Write a consistent backup of the database at `database_url` to the file `path`."""
+    kind = _store_kind(database_url)
+    path = Path(path)
+    try:
+        return await _backup(database_url, kind, path)
+    except OSError as exc:  # disk full, permissions, a directory in the way
+        raise BackupError(f"cannot write the backup {path}: {exc.strerror or exc}") from exc
+
+
+async def _backup(database_url: str, kind: str, path: Path) -> Manifest:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".iiot-backup-", dir=path.parent) as tmp:
+        folder = Path(tmp)
+        if kind == "postgresql":
+            schema, counts = await _dump_postgres(database_url, folder)
+        else:
+            schema, counts = await asyncio.to_thread(
+                _dump_sqlite, _sqlite_path(database_url), folder
+            )
+        tables = {}
+        for name, columns in _TABLES:
+            data = folder / f"{name}.tsv.gz"
+            tables[name] = TableEntry(
+                file=f"data/{name}.tsv.gz",
+                columns=[c for c, _ in columns],
+                rows=counts[name],
+                bytes=data.stat().st_size,
+                sha256=await asyncio.to_thread(_sha256, data),
+            )
+        manifest = Manifest(store=kind, schema_version=schema, created_at=_now_iso(), tables=tables)
+        await asyncio.to_thread(_write_archive, path, manifest, folder)
+    return manifest
+
+
+async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StorageUnavailable(f"cannot connect to {_describe(url)}: {exc}") from exc
+    counts: dict[str, int] = {}
+    try:
+        # One snapshot for every table: rows committed during the dump are not in it.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            schema = await _pg_schema_version(conn, url)
+            for name, columns in _TABLES:
+                with gzip.open(folder / f"{name}.tsv.gz", "wb", compresslevel=1) as out:
+                    status = await conn.copy_from_table(
+                        name, output=out, columns=[c for c, _ in columns], format="text"
+                    )
+                counts[name] = int(status.split()[-1])
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        raise StorageUnavailable(f"{_describe(url)} became unavailable: {exc}") from exc
+    finally:
+        await conn.close()
+    return schema, counts
+
+
+async def _pg_schema_version(conn: Any, url: str) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+    version = await conn.fetchval("SELECT max(version) FROM schema_version") if exists else None
+    if version is None:
+        raise BackupError(f"{_describe(url)} holds no iiot schema (has the platform run?)")
+    return int(version)
+
+
+def _sqlite_schema_version(conn: sqlite3.Connection, where: str) -> int:
+    try:
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    if row is None or row[0] is None:
+        raise BackupError(f"{where} holds no iiot schema (has the platform run?)")
+    return int(row[0])
+
+
+def _connect_sqlite(path: Path, *, create: bool = False) -> sqlite3.Connection:
+    mode = "rwc" if create else "rw"
+    if not create and not path.exists():
+        raise BackupError(f"SQLite database {path} does not exist")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
+    snapshot_path = folder / "snapshot.db"
+    source = _connect_sqlite(path)
+    snapshot = sqlite3.connect(snapshot_path)
+    try:
+        # pages=-1 (all in one step): the copy is one read transaction, hence one
+        # consistent state; in WAL mode the platform keeps writing meanwhile.
+        source.backup(snapshot)
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"SQLite backup of {path} failed: {exc}") from exc
+    finally:
+        source.close()
+    counts: dict[str, int] = {}
+    try:
+        schema = _sqlite_schema_version(snapshot, f"SQLite database {path}")
+        for name, columns in _TABLES:
+            names = ", ".join(c for c, _ in columns)
+            kinds = [k for _, k in columns]
+            rows = 0
+            with gzip.open(
+                folder / f"{name}.tsv.gz", "wt", compresslevel=1, encoding="utf-8", newline="\n"
+            ) as out:
+                for row in snapshot.execute(f"SELECT {names} FROM {name}"):
+                    out.write("\t".join(map(_encode, row, kinds)) + "\n")
+                    rows += 1
+            counts[name] = rows
+    finally:
+        snapshot.close()
+        snapshot_path.unlink(missing_ok=True)
+    return schema, counts
+
+
+# --- verification ----------------------------------------------------------------------
+def read_manifest(path: Path) -> Manifest:
+    """Read a backup's manifest and verify every data member's size and checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackupError(f"backup file {path} does not exist")
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            member = tar.next()
+            if member is None or member.name != MANIFEST:
+                raise BackupError(f"{path} is not an iiot backup (no {MANIFEST} first)")
+            manifest = Manifest.from_json(_read_member(tar, member))
+            _check_tables(manifest)
+            seen: set[str] = set()
+            for member in tar:
+                entry = next((e for e in manifest.tables.values() if e.file == member.name), None)
+                if entry is None:
+                    continue
+                digest = hashlib.sha256()
+                size = 0
+                handle = tar.extractfile(member)
+                if handle is None:
+                    raise BackupError(f"{path}: {member.name} is not a file")
+                for chunk in iter(lambda h=handle: h.read(1 << 20), b""):  # type: ignore[misc]
+                    digest.update(chunk)
+                    size += len(chunk)
+                if size != entry.bytes or digest.hexdigest() != entry.sha256:
+                    raise BackupError(
+                        f"{path} is damaged: {member.name} does not match its checksum "
+                        "in the manifest; nothing was restored"
+                    )
+                seen.add(member.name)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BackupError(f"{path} is damaged or not a backup: {exc}") from None
+    missing = sorted(e.file for e in manifest.tables.values() if e.file not in seen)
+    if missing:
+        raise BackupError(f"{path} is damaged: missing {', '.join(missing)}")
+    return manifest
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise BackupError(f"{member.name} is not a file")
+    return handle.read()
+
+
+def _check_tables(manifest: Manifest) -> None:
+    for name, entry in manifest.tables.items():
+        if name not in _KINDS:
+            raise BackupError(f"the backup holds an unknown table {name!r}")
+        unknown = [c for c in entry.columns if c not in _KINDS[name]]
+        if unknown:
+            raise BackupError(f"the backup's table {name} has unknown columns {unknown}")
+
+
+def _open_table(path: Path, entry: TableEntry) -> tuple[tarfile.TarFile, gzip.GzipFile]:
+    """The decompressed data of one table, read from the archive (caller closes both)."""
+    tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - handed to the caller, who closes it
+    try:
+        member = tar.getmember(entry.file)
+        handle = tar.extractfile(member)
+        if handle is None:
+            raise BackupError(f"{path}: {entry.file} is not a file")
+        return tar, gzip.GzipFile(fileobj=handle, mode="rb")
+    except BaseException:
+        tar.close()
+        raise
+
+
+# --- restore ---------------------------------------------------------------------------
+async def restore(database_url: str, path: Path, *, force: bool = False) -> Manifest:
+    """Restore the backup file `path` into the database at `database_url`.
+
+    Refuses (`BackupError`, nothing changed) a damaged or mismatched file, and a database
+    that already holds data unless `force`, in which case its contents are replaced.
+    """
+    path = Path(path)
+    kind = _store_kind(database_url)
+    manifest = await asyncio.to_thread(read_manifest, path)
+    # Opening the store creates or upgrades the schema, exactly as `iiot run` would.
+    async with open_store(database_url):
+        pass
+    if kind == "postgresql":
+        await _load_postgres(database_url, path, manifest, force)
+    else:
+        await asyncio.to_thread(_load_sqlite, _sqlite_path(database_url), path, manifest, force)
+    return manifest
+
+
+def _check_schema(manifest: Manifest, target: int, where: str) -> None:
+    if manifest.schema_version > target:
+        raise BackupError(
+            f"the backup has schema version {manifest.schema_version} but {where} has "
+            f"{target}: it was made by a newer iiot; upgrade iiot before restoring"
+        )
+
+
+def _refuse_non_empty(counts: dict[str, int], where: str) -> None:
+    held = {name: n for name, n in counts.items() if n}
+    if held:
+        what = ", ".join(f"{name}" for name in held)
+        raise BackupError(
+            f"{where} is not empty (it holds {what}); restore refuses to overwrite it: "
+            "restore into an empty database, or use --force to replace its contents"
+        )
+
+
+async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) -> None:
+    import asyncpg
+
+    where = _describe(url)
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StorageUnavailable(f"cannot connect to {where}: {exc}") from exc
+    try:
+        async with conn.transaction():
+            _check_schema(manifest, await _pg_schema_version(conn, url), where)
+            counts = {
+                name: int(
+                    await conn.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1) AS x")
+                )
+                for name, _ in _TABLES
+            }
+            if not force:
+                _refuse_non_empty(counts, where)
+            else:
+                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)}")
+            for name, _ in _TABLES:
+                entry = manifest.tables.get(name)
+                if entry is None:
+                    continue
+                tar, data = _open_table(path, entry)
+                try:
+                    status = await conn.copy_to_table(
+                        name, source=data, columns=entry.columns, format="text"
+                    )
+                finally:
+                    data.close()
+                    tar.close()
+                _check_count(name, int(status.split()[-1]), entry)
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+        raise StorageUnavailable(f"{where} became unavailable; nothing restored: {exc}") from exc
+    except (asyncpg.PostgresError, gzip.BadGzipFile, EOFError, tarfile.TarError) as exc:
+        raise BackupError(f"restore into {where} failed, nothing changed: {exc}") from exc
+    finally:
+        await conn.close()
+
+
+def _check_count(name: str, loaded: int, entry: TableEntry) -> None:
+    if loaded != entry.rows:
+        raise BackupError(
+            f"the backup's table {name} holds {loaded} rows, its manifest says {entry.rows}; "
+            "nothing changed"
+        )
+
+
+def _load_sqlite(db_path: Path, path: Path, manifest: Manifest, force: bool) -> None:
+    where = f"SQLite database {db_path}"
+    conn = _connect_sqlite(db_path, create=True)
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
+        _check_schema(manifest, _sqlite_schema_version(conn, where), where)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            counts = {
+                name: conn.execute(
+                    f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1)"
+                ).fetchone()[0]
+                for name, _ in _TABLES
+            }
+            if not force:
+                _refuse_non_empty(counts, where)
+            else:
+                for name, _ in reversed(_TABLES):
+                    conn.execute(f"DELETE FROM {name}")
+            for name, _ in _TABLES:
+                entry = manifest.tables.get(name)
+                if entry is None:
+                    continue
+                kinds = [_KINDS[name][c] for c in entry.columns]
+                tar, data = _open_table(path, entry)
+                try:
+                    cursor = conn.executemany(
+                        f"INSERT INTO {name} ({', '.join(entry.columns)})"
+                        f" VALUES ({', '.join('?' * len(kinds))})",
+                        _rows(io.TextIOWrapper(data, encoding="utf-8", newline="\n"), kinds),
+                    )
+                finally:
+                    data.close()
+                    tar.close()
+                _check_count(name, max(cursor.rowcount, 0), entry)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.OperationalError as exc:
+        raise StorageUnavailable(f"{where} cannot be written now: {exc}") from exc
+    except (sqlite3.Error, ValueError, gzip.BadGzipFile, EOFError, tarfile.TarError) as exc:
+        raise BackupError(f"restore into {where} failed, nothing changed: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _rows(lines: IO[str], kinds: list[str]) -> Iterator[tuple[Any, ...]]:
+    for line in lines:
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) != len(kinds):
+            raise ValueError(f"a row has {len(fields)} fields, expected {len(kinds)}")
+        yield tuple(map(_decode, fields, kinds))
