@@ -106,6 +106,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     device_create.add_argument("--tenant", required=True, help="tenant name or id")
     device_create.add_argument("--name", required=True)
+    device_rotate = device_sub.add_parser(
+        "rotate",
+        help="give a device a new token and print it once",
+        description="Replace a device's access token (the old one stops working at once).",
+    )
+    device_rotate.add_argument("--id", required=True, help="the device id")
+    for command in (device_create, device_rotate):
+        command.add_argument(
+            "--mosquitto-passwd",
+            metavar="FILE",
+            help="also write the device's login into this Mosquitto password file "
+            "(username = device id, password = token; reload Mosquitto afterwards)",
+        )
+
+    mosquitto = sub.add_parser(
+        "mosquitto",
+        help="secure an external Mosquitto for the platform",
+        description="Print the files that make Mosquitto enforce the platform's rules.",
+    )
+    mosquitto_sub = mosquitto.add_subparsers(dest="action", required=True, metavar="ACTION")
+    mosquitto_acl = mosquitto_sub.add_parser(
+        "acl",
+        help="print the topic ACL file",
+        description="Print an ACL file: each device may only use devices/{own id}/, the "
+        "platform user may read every device's telemetry, anonymous clients nothing.",
+    )
+    mosquitto_acl.add_argument(
+        "--platform-user", default="iiot", help="the user in IIOT_MQTT_URL (default: iiot)"
+    )
     return parser
 
 
@@ -174,13 +203,32 @@ def _cmd_device(settings: Settings, args: argparse.Namespace) -> None:
     from iiot.registry import DeviceRegistry
 
     async def action(store: Store) -> None:
-        tenant = await _find_tenant(store, args.tenant)
-        device, token = await DeviceRegistry(store, LiveBus()).create_device(tenant.id, args.name)
+        registry = DeviceRegistry(store, LiveBus())
+        if args.action == "create":
+            tenant = await _find_tenant(store, args.tenant)
+            device, token = await registry.create_device(tenant.id, args.name)
+        else:
+            try:
+                device_id = UUID(args.id)
+            except ValueError:
+                raise InvalidRequest(f"--id {args.id!r} is not a device id (a UUID)") from None
+            device, token = await registry.rotate_token(None, device_id)
         print(f"device {device.name} id={device.id}")
         print(f"token {token}")
-        print("(the token is shown only now; rotate it through the API if it is lost)")
+        print("(the token is shown only now; rotate it if it is lost)")
+        if args.mosquitto_passwd:
+            from iiot.adapters.mosquitto_security import update_password_file
+
+            update_password_file(Path(args.mosquitto_passwd), str(device.id), token)
+            print(f"login written to {args.mosquitto_passwd}; reload Mosquitto (kill -HUP)")
 
     asyncio.run(_with_store(settings, action))
+
+
+def _cmd_mosquitto(settings: Settings, args: argparse.Namespace) -> None:
+    from iiot.adapters.mosquitto_security import acl_file
+
+    print(acl_file(args.platform_user), end="")
 
 
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> None:
@@ -219,6 +267,7 @@ _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
     "tenant": _cmd_tenant,
     "user": _cmd_user,
     "device": _cmd_device,
+    "mosquitto": _cmd_mosquitto,
 }
 
 

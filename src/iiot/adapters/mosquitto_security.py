@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import secrets
+from pathlib import Path
 
-__all__ = ["acl_file", "password_line"]
+__all__ = ["acl_file", "password_line", "update_password_file"]
 
 # Mosquitto 2's password file format `$7$`: PBKDF2-SHA512, 101 iterations (mosquitto_passwd).
 _ITERATIONS = 101
@@ -37,3 +39,14 @@ def password_line(username: str, password: str) -> str:
     encoded_salt = base64.b64encode(salt).decode()
     encoded_digest = base64.b64encode(digest).decode()
     return f"{username}:$7${_ITERATIONS}${encoded_salt}${encoded_digest}\n"
+
+
+def update_password_file(path: Path, username: str, password: str) -> None:
+    """Add or replace one user's line in a Mosquitto password file (atomically, mode 0600)."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    kept = [line for line in lines if line.split(":", 1)[0] != username]
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.writelines([*kept, password_line(username, password)])
+    os.replace(temporary, path)
