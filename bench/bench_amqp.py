@@ -5,8 +5,9 @@ All in one run, on loopback, against the local RabbitMQ and PostgreSQL:
 2. raw COPY limit: the same rows COPYed straight into `telemetry` (one connection, large
    transactions, no broker, no parsing): the most the database takes;
 3. the platform end to end: N persistent messages (3 points each, 1,000 devices, real
-   tokens) are queued in `telemetry` first, then the platform is started and timed until
-   every point is committed (acknowledged after commit, as in production);
+   tokens) are queued in `telemetry` first, then the platform is started and timed from
+   the end of its start-up until every point is committed (points stored during start-up
+   are left out of the count; acknowledged after commit, as in production);
 4. a naive consumer: aio-pika, one message at a time, one INSERT transaction per message,
    then basic.ack — what a first attempt usually looks like.
 
@@ -165,9 +166,11 @@ async def _platform(db_url: str, points: int) -> tuple[float, dict[str, Any]]:
         "IIOT_LOG_LEVEL": "WARNING",
     }
     settings = load_settings(env)
-    started = time.perf_counter()
     async with Platform(settings) as platform:
         stored = platform.services.metrics.points_stored.labels("amqp")
+        # Timed from the end of start-up (migrations, pools, HTTP...): what was already
+        # stored by then is left out of the count, so the figure is the draining rate.
+        started, stored_before = time.perf_counter(), stored._value.get()
         deadline = time.monotonic() + 120
         while stored._value.get() < points:
             if time.monotonic() > deadline:
@@ -181,6 +184,7 @@ async def _platform(db_url: str, points: int) -> tuple[float, dict[str, Any]]:
             if s.name.endswith(("_sum", "_count"))
         }
     detail = {
+        "stored_during_startup": stored_before,
         "batches": samples.get("iiot_batch_points_count"),
         "mean_batch_points": (
             samples["iiot_batch_points_sum"] / samples["iiot_batch_points_count"]
@@ -188,7 +192,7 @@ async def _platform(db_url: str, points: int) -> tuple[float, dict[str, Any]]:
             else None
         ),
     }
-    return points / elapsed, detail
+    return (points - stored_before) / elapsed, detail
 
 
 async def _naive(db_url: str, messages: int) -> float:
@@ -300,7 +304,7 @@ async def _run(quick: bool) -> dict[str, Any]:
         ],
         "notes": [
             f"{messages} persistent messages queued first, then drained by the platform "
-            "(ack after commit, prefetch 1000); time includes platform start",
+            "(ack after commit, prefetch 1000), timed from the end of platform start-up",
             f"goal >= 40 % of COPY: {'met' if vs_copy >= 0.4 else 'NOT met'} ({vs_copy:.0%}); "
             f"goal >= 20 x naive: {'met' if vs_naive >= 20 else 'NOT met'} ({vs_naive:.1f} x)",
         ],

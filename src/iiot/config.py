@@ -40,7 +40,7 @@ class Settings:
     max_message_bytes: int = 256 * 1024
     max_points_per_message: int = 10_000
     batch_max_points: int = 5000
-    batch_max_delay_ms: int = 50
+    batch_max_delay_ms: int = 0  # 0: group commit (see pipeline.py)
     queue_max_points: int = 200_000
     commit_timeout_s: float = 30.0  # how long a device waits for its points to commit
     bcrypt_rounds: int = 12

@@ -6,8 +6,10 @@ answers (HTTP status, CoAP code, AMQP reject); the rules themselves live only he
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from iiot.codec import Limits, check_size, parse_telemetry
 from iiot.errors import (
@@ -53,6 +55,7 @@ class Ingestor:
         self.pipeline = pipeline
         self.metrics = metrics
         self.limits = limits
+        self._by_protocol: dict[str, tuple[Any, Any]] = {}
 
     async def ingest_token(
         self, token: str, body: bytes, protocol: str, decode: Decoder = parse_telemetry
@@ -69,7 +72,36 @@ class Ingestor:
         self, device: Device, body: bytes, protocol: str, decode: Decoder = parse_telemetry
     ) -> int:
         """Check, decode and commit one telemetry message of a known device."""
-        self.metrics.messages_received.labels(protocol).inc()
+        item = self._decode(device, body, protocol, decode)
+        try:
+            await self.pipeline.submit(item, protocol)
+        except StorageUnavailable as exc:
+            self.refused(protocol, exc, counted=True)
+            raise
+        return len(item.points)
+
+    def ingest_nowait(
+        self, device: Device, body: bytes, protocol: str, decode: Decoder = parse_telemetry
+    ) -> asyncio.Future[None]:
+        """Check, decode and queue a message without waiting (adapters' fast path).
+
+        Raises what `ingest` raises before the commit; returns a future that completes
+        when the points are committed, or fails as `ingest` would (the caller counts a
+        `StorageUnavailable` with `refused(..., counted=True)`).
+        """
+        item = self._decode(device, body, protocol, decode)
+        try:
+            future = self.pipeline.try_enqueue(item, protocol) if item.points else None
+        except StorageUnavailable as exc:
+            self.refused(protocol, exc, counted=True)
+            raise
+        if future is None:  # nothing to store, or the queue is full: wait in a task
+            return asyncio.ensure_future(self.pipeline.submit(item, protocol))
+        return future
+
+    def _decode(self, device: Device, body: bytes, protocol: str, decode: Decoder) -> DevicePoints:
+        counters = self._counters(protocol)
+        counters[0].inc()
         try:
             if device.disabled:
                 raise DeviceDisabled(f"device {device.name!r} is disabled")
@@ -78,18 +110,25 @@ class Ingestor:
         except (DeviceDisabled, InvalidPayload) as exc:
             self.refused(protocol, exc, counted=True)
             raise
-        self.metrics.points_received.labels(protocol).inc(len(points))
-        try:
-            await self.pipeline.submit(DevicePoints(device, tuple(points)), protocol)
-        except StorageUnavailable as exc:
-            self.refused(protocol, exc, counted=True)
-            raise
-        return len(points)
+        counters[1].inc(len(points))
+        return DevicePoints(device, tuple(points))
+
+    def _counters(self, protocol: str) -> tuple[Any, Any]:
+        """The (messages received, points received) counters of a protocol, cached."""
+        counters = self._by_protocol.get(protocol)
+        if counters is None:
+            metrics = self.metrics
+            counters = (
+                metrics.messages_received.labels(protocol),
+                metrics.points_received.labels(protocol),
+            )
+            self._by_protocol[protocol] = counters
+        return counters
 
     def refused(self, protocol: str, exc: Exception, counted: bool = False) -> None:
         """Count a refused message (and the message itself, if not yet counted)."""
         if not counted:
-            self.metrics.messages_received.labels(protocol).inc()
+            self._counters(protocol)[0].inc()
         if isinstance(exc, AuthenticationError):
             self.metrics.auth_failures.labels(protocol).inc()
         self.metrics.messages_refused.labels(protocol, refusal_reason(exc)).inc()

@@ -1,24 +1,35 @@
-"""The ingest pipeline: batching, acknowledgement after commit, backpressure, live bus.
+"""The ingest pipeline: group commit, acknowledgement after commit, backpressure, live bus.
 
 Adapters call `submit(device_points, protocol)`; it returns once the batch holding those
 points has committed, so the adapter may then acknowledge its peer (PUBACK, basic.ack,
-2.04, 200). One writer task drains a bounded queue into `Store.write_points`, a batch at a
-time (by size or by age). When the queue is full, `submit` waits: adapters slow their peers
-down instead of dropping data. When the database is down, the writer retries the same batch
-with bounded backoff; nothing accepted is lost, and writing resumes by itself.
+2.04, 200). A writer task drains a bounded queue into `Store.write_points`, a batch at a
+time. Batching is by group commit: an idle writer writes what is queued at once, and while
+a write is in flight the next batch grows by itself (up to `max_batch_points`); a
+`max_delay_s` above zero makes an idle writer also wait that long for a fuller batch.
+When the queue is full, `submit` waits: adapters slow their peers down instead of dropping
+data. When the database is down, the writer retries the same batch with bounded backoff;
+nothing accepted is lost, and writing resumes by itself.
+
+Hot path: nothing here takes an asyncio lock or creates a task or timer per message (an
+asyncio.Condition around the queue made producers convoy behind its lock, and each
+`wait_for` per message cost a timer and a task). One sweeper task enforces the commit
+timeout: the queue is in arrival order, so it only ever looks at the oldest entries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from iiot.bus import LiveBus, TelemetryEvent
 from iiot.errors import IIoTError, StorageUnavailable
@@ -44,9 +55,14 @@ class PipelineSettings:
     """Batching and backpressure limits."""
 
     max_batch_points: int = 5000
-    max_delay_s: float = 0.05
+    # 0: group commit (an idle writer writes at once); > 0: an idle writer first waits up
+    # to this long (from the oldest queued message) for a fuller batch.
+    max_delay_s: float = 0.0
     queue_max_points: int = 200_000
     commit_timeout_s: float = 30.0
+    # Batches written at once (each on its own connection): the next batch is sent while
+    # the previous one commits.
+    writers: int = 1
 
 
 @dataclass(slots=True, eq=False)
@@ -55,11 +71,18 @@ class _Entry:
     protocol: str
     future: asyncio.Future[None]
     enqueued: float
+    deadline: float
     taken: bool = field(default=False)
 
 
+@dataclass(slots=True, eq=False)
+class _InFlight:
+    batch: list[_Entry]
+    deadline: float  # the earliest deadline of a sender still waiting on this batch
+
+
 class Pipeline:
-    """Bounded, batching, ack-after-commit queue in front of the store."""
+    """Bounded, group-committing, ack-after-commit queue in front of the store."""
 
     def __init__(
         self,
@@ -73,16 +96,29 @@ class Pipeline:
         self._metrics = metrics
         self._settings = settings
         self._entries: deque[_Entry] = deque()
-        self._queued_points = 0
-        self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
+        self._queued_points = 0  # accepted, not yet committed (queued or being written)
+        self._waiting_points = 0  # queued, not yet taken by a writer
+        self._in_flight: list[_InFlight] = []
+        # Entries that waited for queue space carry an older deadline than their place in
+        # the queue suggests: the sweeper watches them in a heap of their own.
+        self._late: list[tuple[float, int, _Entry]] = []
+        self._late_seq = itertools.count()
+        self._work = asyncio.Event()  # set when a writer has something to do
+        self._wake_at = 1  # waiting points at which an enqueue wakes the writer
+        self._space = asyncio.Event()  # set when queue space was freed
+        self._stored: dict[str, Any] = {}  # protocol -> points_stored child (cached)
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.storage_ok = True
         self.last_error: str | None = None
 
     async def __aenter__(self) -> Self:
         self._closing = False
-        self._task = asyncio.create_task(self._run(), name="ingest-writer")
+        count = max(1, self._settings.writers)
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"ingest-writer-{i}") for i in range(count)
+        ]
+        self._tasks.append(asyncio.create_task(self._sweep(), name="ingest-timeouts"))
         return self
 
     async def __aexit__(
@@ -96,31 +132,57 @@ class Pipeline:
     async def close(self, flush_timeout_s: float = 30.0) -> None:
         """Stop accepting, commit what is queued (up to a time limit), stop the writer."""
         self._closing = True
-        async with self._changed:
-            self._changed.notify_all()
-        if self._task is None:
+        self._work.set()
+        self._space.set()
+        if not self._tasks:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), flush_timeout_s)
-        except TimeoutError:
+        writers, sweeper = self._tasks[:-1], self._tasks[-1]
+        done, pending = await asyncio.wait(writers, timeout=flush_timeout_s)
+        if pending:
             log.error(
                 "ingest queue not flushed within %.0f s; %d points not committed",
                 flush_timeout_s,
                 self._queued_points,
             )
-            self._task.cancel()
+        for task in (*pending, sweeper):
+            task.cancel()
+        for task in (*pending, sweeper):
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = None
+                await task
+        for task in done:
+            task.result()  # a writer that crashed: surface it
+        self._tasks = []
+        shutting_down = StorageUnavailable("platform is shutting down")
         for entry in self._entries:
             if not entry.future.done():
-                entry.future.set_exception(StorageUnavailable("platform is shutting down"))
+                entry.future.set_exception(shutting_down)
+        for flight in self._in_flight:
+            for entry in flight.batch:
+                if not entry.future.done():
+                    entry.future.set_exception(shutting_down)
         self._entries.clear()
+        self._in_flight.clear()
+        self._late.clear()
 
     @property
     def queued_points(self) -> int:
         """Points accepted but not yet committed."""
         return self._queued_points
+
+    def try_enqueue(self, item: DevicePoints, protocol: str) -> asyncio.Future[None] | None:
+        """Queue points without waiting; None when the queue is full (then use `submit`).
+
+        The future completes when the points are committed; it fails with
+        `StorageUnavailable` when they were not committed within the commit timeout, or
+        with the store's error when it refused the batch for good.
+        """
+        if self._closing:
+            raise StorageUnavailable("platform is shutting down")
+        count = len(item.points)
+        if self._queued_points + count > self._settings.queue_max_points and self._queued_points:
+            return None
+        now = time.monotonic()
+        return self._enqueue(item, protocol, now, now + self._settings.commit_timeout_s)
 
     async def submit(self, item: DevicePoints, protocol: str) -> None:
         """Queue points and wait until they are committed.
@@ -132,88 +194,167 @@ class Pipeline:
         count = len(item.points)
         if count == 0:
             return
+        future = self.try_enqueue(item, protocol)
+        if future is None:
+            future = await self._enqueue_when_space(item, protocol)
+        await future
+
+    def _enqueue(
+        self, item: DevicePoints, protocol: str, now: float, deadline: float
+    ) -> asyncio.Future[None]:
+        count = len(item.points)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = _Entry(item, protocol, future, now, deadline)
+        self._entries.append(entry)
+        self._queued_points += count
+        self._waiting_points += count
+        if self._waiting_points >= self._wake_at and not self._work.is_set():
+            self._work.set()
+        return future
+
+    async def _enqueue_when_space(self, item: DevicePoints, protocol: str) -> asyncio.Future[None]:
+        """Wait (bounded by the commit timeout) until the points fit in the queue."""
+        count = len(item.points)
+        limit = self._settings.queue_max_points
+        started = time.monotonic()
+        deadline = started + self._settings.commit_timeout_s
+        while self._queued_points + count > limit and self._queued_points > 0:
+            if self._closing:
+                raise StorageUnavailable("platform is shutting down")
+            remaining = deadline - time.monotonic()
+            self._space.clear()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(self._space.wait(), remaining)
+            except TimeoutError:
+                raise StorageUnavailable(
+                    "ingest queue is full: storage is not keeping up, retry later"
+                ) from None
         if self._closing:
             raise StorageUnavailable("platform is shutting down")
-        deadline = time.monotonic() + self._settings.commit_timeout_s
-        limit = self._settings.queue_max_points
-        async with self._changed:
-            if self._queued_points + count > limit and self._queued_points > 0:
-                try:
-                    await asyncio.wait_for(
-                        self._changed.wait_for(
-                            lambda: (
-                                self._queued_points + count <= limit
-                                or self._queued_points == 0
-                                or self._closing
-                            )
-                        ),
-                        self._settings.commit_timeout_s,
-                    )
-                except TimeoutError:
-                    raise StorageUnavailable(
-                        "ingest queue is full: storage is not keeping up, retry later"
-                    ) from None
-                if self._closing:
-                    raise StorageUnavailable("platform is shutting down")
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            entry = _Entry(item, protocol, future, time.monotonic())
-            self._entries.append(entry)
-            self._queued_points += count
-            self._metrics.queue_points.set(self._queued_points)
-            self._changed.notify_all()
-        try:
-            await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            if not entry.taken:
-                # Not yet handed to the store: withdraw it so a retry is the only copy.
-                await self._withdraw(entry)
-            raise StorageUnavailable(
-                f"storage unavailable: {self.last_error or 'commit timed out'}"
-            ) from None
+        future = self._enqueue(item, protocol, started, deadline)
+        heapq.heappush(self._late, (deadline, next(self._late_seq), self._entries[-1]))
+        return future
 
-    async def _withdraw(self, entry: _Entry) -> None:
-        async with self._changed:
-            with contextlib.suppress(ValueError):
-                self._entries.remove(entry)
-                self._queued_points -= len(entry.item.points)
-                self._metrics.queue_points.set(self._queued_points)
-                self._changed.notify_all()
+    def _freed(self, points: int) -> None:
+        """Points left the queue (committed, refused or withdrawn): wake waiting producers."""
+        self._queued_points -= points
+        if not self._space.is_set():
+            self._space.set()
+
+    # --- commit timeout ------------------------------------------------------------------
+    async def _sweep(self) -> None:
+        """Fail senders whose points are not committed by their deadline."""
+        timeout = self._settings.commit_timeout_s
+        while True:
+            now = time.monotonic()
+            next_deadline = self._expire(now)
+            # A message queued after this point has a deadline at least `timeout` away.
+            wake = min(next_deadline, now + timeout)
+            await asyncio.sleep(max(wake - now, 0.001))
+
+    def _expire(self, now: float) -> float:
+        """Fail what is overdue; returns the next deadline to watch (inf if none)."""
+        error = StorageUnavailable(f"storage unavailable: {self.last_error or 'commit timed out'}")
+        withdrawn = 0
+        entries = self._entries
+        while entries and entries[0].deadline <= now:
+            # Not yet handed to the store: withdraw it so a retry is the only copy.
+            entry = entries.popleft()
+            withdrawn += self._fail_queued(entry, error)
+        late = self._late
+        while late and late[0][0] <= now:
+            entry = heapq.heappop(late)[2]
+            if entry.taken:
+                if not entry.future.done():
+                    entry.future.set_exception(error)
+            elif not entry.future.done():
+                with contextlib.suppress(ValueError):
+                    entries.remove(entry)
+                    withdrawn += self._fail_queued(entry, error)
+        if withdrawn:
+            self._waiting_points -= withdrawn
+            self._freed(withdrawn)
+        next_deadline = math.inf
+        for flight in self._in_flight:
+            if flight.deadline <= now:
+                flight.deadline = math.inf
+                for entry in flight.batch:
+                    if entry.future.done():
+                        continue
+                    if entry.deadline <= now:
+                        entry.future.set_exception(error)
+                    else:
+                        flight.deadline = min(flight.deadline, entry.deadline)
+            next_deadline = min(next_deadline, flight.deadline)
+        if entries:
+            next_deadline = min(next_deadline, entries[0].deadline)
+        if late:
+            next_deadline = min(next_deadline, late[0][0])
+        return next_deadline
+
+    @staticmethod
+    def _fail_queued(entry: _Entry, error: StorageUnavailable) -> int:
         if not entry.future.done():
-            entry.future.cancel()
+            entry.future.set_exception(error)
+        return len(entry.item.points)
 
+    # --- writing -------------------------------------------------------------------------
     async def _next_batch(self) -> list[_Entry]:
-        """Wait for the first entry, then until the batch is full or old enough."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: bool(self._entries) or self._closing)
-            if not self._entries:
+        """Wait for queued points (and, with a delay, a fuller batch); take one batch."""
+        settings = self._settings
+        max_points = settings.max_batch_points
+        while not self._entries:
+            if self._closing:
                 return []
-            first = self._entries[0].enqueued
-            max_points = self._settings.max_batch_points
-            while self._queued_points < max_points and not self._closing:
-                remaining = first + self._settings.max_delay_s - time.monotonic()
+            self._wake_at = 1
+            self._work.clear()
+            await self._work.wait()
+        if settings.max_delay_s > 0:
+            self._wake_at = max_points
+            while self._waiting_points < max_points and not self._closing and self._entries:
+                remaining = self._entries[0].enqueued + settings.max_delay_s - time.monotonic()
                 if remaining <= 0:
                     break
+                self._work.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-            batch: list[_Entry] = []
-            points = 0
-            while self._entries:
-                entry = self._entries[0]
-                size = len(entry.item.points)
-                if batch and points + size > max_points:
-                    break
-                self._entries.popleft()
-                entry.taken = True
-                batch.append(entry)
-                points += size
-            return batch
+                    await asyncio.wait_for(self._work.wait(), remaining)
+        self._wake_at = 1 << 62  # writing: producers need not wake anybody
+        batch: list[_Entry] = []
+        points = 0
+        entries = self._entries
+        while entries:
+            entry = entries[0]
+            size = len(entry.item.points)
+            if batch and points + size > max_points:
+                break
+            entries.popleft()
+            if entry.future.done():  # timed out or its sender gave up: not written
+                self._waiting_points -= size
+                self._freed(size)
+                continue
+            entry.taken = True
+            batch.append(entry)
+            points += size
+        self._waiting_points -= points
+        return batch
 
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
             if not batch:
-                return  # closing and drained
-            await self._commit(batch)
+                if self._closing and not self._entries:
+                    self._work.set()  # let the other writers see it too
+                    return
+                continue
+            flight = _InFlight(batch, min(entry.deadline for entry in batch))
+            self._in_flight.append(flight)
+            self._metrics.queue_points.set(self._queued_points)
+            try:
+                await self._commit(batch)
+            finally:
+                self._in_flight.remove(flight)
 
     async def _commit(self, batch: list[_Entry]) -> None:
         items = [entry.item for entry in batch]
@@ -237,7 +378,7 @@ class Pipeline:
                 continue
             except IIoTError as exc:  # a batch the store refuses for good: tell the senders
                 log.error("batch of %d points refused by storage: %s", points, exc)
-                await self._finish(batch, points, exc)
+                self._finish(batch, points, exc)
                 return
             break
         if not self.storage_ok:
@@ -246,19 +387,29 @@ class Pipeline:
             self.last_error = None
         self._metrics.write_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_points.observe(points)
-        await self._finish(batch, points, None)
+        self._finish(batch, points, None)
         self._bus.publish(TelemetryEvent(items))
 
-    async def _finish(self, batch: list[_Entry], points: int, error: BaseException | None) -> None:
+    def _finish(self, batch: list[_Entry], points: int, error: BaseException | None) -> None:
+        per_protocol: dict[str, int] = {}
         for entry in batch:
+            future = entry.future
             if error is None:
-                self._metrics.points_stored.labels(entry.protocol).inc(len(entry.item.points))
-            if not entry.future.done():
+                per_protocol[entry.protocol] = per_protocol.get(entry.protocol, 0) + len(
+                    entry.item.points
+                )
+            if not future.done():
                 if error is None:
-                    entry.future.set_result(None)
+                    future.set_result(None)
                 else:
-                    entry.future.set_exception(error)
-        async with self._changed:  # wake producers waiting for queue space
-            self._queued_points -= points
-            self._metrics.queue_points.set(self._queued_points)
-            self._changed.notify_all()
+                    future.set_exception(error)
+        for protocol, count in per_protocol.items():
+            self._stored_counter(protocol).inc(count)
+        self._freed(points)
+        self._metrics.queue_points.set(self._queued_points)
+
+    def _stored_counter(self, protocol: str) -> Any:
+        child = self._stored.get(protocol)
+        if child is None:
+            child = self._stored[protocol] = self._metrics.points_stored.labels(protocol)
+        return child

@@ -3,20 +3,37 @@
 Every change to a device goes through here so the cache is invalidated and the live bus
 hears of it (the OPC UA address space follows these events). Entries also expire after a
 few seconds so that changes made by another platform process are seen soon.
+
+Hot path: an entry that has just expired is still answered from the cache while one
+background task reads it again (stale-while-revalidate, expiry times jittered), and lookups
+that must wait for the store run a few at a time. Otherwise every cached device expired at
+once every few seconds and a thousand lookups queued for pool connections ahead of the
+batch writer, which then waited seconds to commit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 import time
+from collections import deque
 from uuid import UUID
 
 from iiot.bus import DeviceEvent, LiveBus
-from iiot.errors import AuthenticationError
+from iiot.errors import AuthenticationError, NotFound, StorageUnavailable
 from iiot.model import Device
 from iiot.security import hash_token, new_device_token
 from iiot.storage.base import Scope, Store
 
 __all__ = ["DeviceRegistry"]
+
+log = logging.getLogger(__name__)
+
+# Store lookups of uncached devices at once; the rest of the pool stays free for the writer.
+_MAX_LOOKUPS = 4
+# Background refreshes of expired entries run one after another in this many tasks.
+_REFRESHERS = 1
 
 
 class DeviceRegistry:
@@ -29,6 +46,10 @@ class DeviceRegistry:
         self._max = max_entries
         self._by_token: dict[str, tuple[float, Device]] = {}
         self._by_id: dict[UUID, tuple[float, Device]] = {}
+        self._lookups = asyncio.Semaphore(_MAX_LOOKUPS)
+        self._stale: deque[tuple[str | None, UUID]] = deque()  # entries to read again
+        self._stale_keys: set[tuple[str | None, UUID]] = set()
+        self._refreshers: set[asyncio.Task[None]] = set()
 
     # --- resolution (hot path) ---------------------------------------------------------
     async def authenticate(self, token: str) -> Device:
@@ -36,13 +57,19 @@ class DeviceRegistry:
         token_hash = hash_token(token)
         now = time.monotonic()
         cached = self._by_token.get(token_hash)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        device = await self._store.find_device_by_token_hash(token_hash)
-        if device is None:
+        if cached is not None:
+            expires, device = cached
+            if expires > now:
+                return device
+            if expires + self._ttl > now:
+                self._refresh_later(token_hash, device.id)
+                return device
+        async with self._lookups:
+            found = await self._store.find_device_by_token_hash(token_hash)
+        if found is None:
             raise AuthenticationError("unknown device token")
-        self._remember(token_hash, device, now)
-        return device
+        self._remember(token_hash, found, time.monotonic())
+        return found
 
     async def authenticate_id(self, device_id: str, token: str) -> Device:
         """The device with this id if the token is its own (MQTT username/password)."""
@@ -51,24 +78,85 @@ class DeviceRegistry:
             raise AuthenticationError("device id and token do not match")
         return device
 
+    def cached(self, device_id: UUID) -> Device | None:
+        """The device if it is cached (fresh, or just expired: then it is read again)."""
+        cached = self._by_id.get(device_id)
+        if cached is None:
+            return None
+        expires, device = cached
+        now = time.monotonic()
+        if expires > now:
+            return device
+        if expires + self._ttl > now:
+            self._refresh_later(None, device_id)
+            return device
+        return None
+
     async def get(self, device_id: UUID) -> Device:
         """A device by id, across tenants (for adapters that learn the id from a topic)."""
-        now = time.monotonic()
-        cached = self._by_id.get(device_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        device = await self._store.get_device(None, device_id)
-        self._remember(None, device, now)
+        device = self.cached(device_id)
+        if device is not None:
+            return device
+        async with self._lookups:
+            device = await self._store.get_device(None, device_id)
+        self._remember(None, device, time.monotonic())
         return device
 
     def _remember(self, token_hash: str | None, device: Device, now: float) -> None:
         if len(self._by_token) >= self._max or len(self._by_id) >= self._max:
             self._by_token.clear()
             self._by_id.clear()
-        expires = now + self._ttl
+        # Jittered: devices cached together do not all expire together.
+        expires = now + self._ttl * random.uniform(0.75, 1.0)
         if token_hash is not None:
             self._by_token[token_hash] = (expires, device)
         self._by_id[device.id] = (expires, device)
+
+    def _refresh_later(self, token_hash: str | None, device_id: UUID) -> None:
+        """Queue an expired entry to be read again in the background (once)."""
+        key = (token_hash, device_id)
+        if key in self._stale_keys:
+            return
+        self._stale_keys.add(key)
+        self._stale.append(key)
+        if len(self._refreshers) < _REFRESHERS:
+            task = asyncio.get_running_loop().create_task(self._refresh())
+            self._refreshers.add(task)
+            task.add_done_callback(self._refreshers.discard)
+
+    async def _refresh(self) -> None:
+        while self._stale:
+            key = self._stale.popleft()
+            token_hash, device_id = key
+            try:
+                if token_hash is None:
+                    try:
+                        device: Device | None = await self._store.get_device(None, device_id)
+                    except NotFound:
+                        device = None
+                else:
+                    device = await self._store.find_device_by_token_hash(token_hash)
+            except StorageUnavailable as exc:
+                # Served stale a little longer; after twice the TTL lookups wait for the store.
+                log.debug("device cache refresh failed: %s", exc)
+                continue
+            except RuntimeError:  # the store is closed: the platform is stopping
+                self._stale.clear()
+                self._stale_keys.clear()
+                return
+            finally:
+                self._stale_keys.discard(key)
+            if device is None or device.id != device_id:
+                self._drop(token_hash, device_id)
+            else:
+                self._remember(token_hash, device, time.monotonic())
+
+    def _drop(self, token_hash: str | None, device_id: UUID) -> None:
+        """The entry is gone from the store (device deleted, token rotated elsewhere)."""
+        if token_hash is None:
+            self._by_id.pop(device_id, None)
+        else:
+            self._by_token.pop(token_hash, None)
 
     def forget(self, device_id: UUID) -> None:
         """Drop a device from the cache (after it changed)."""
@@ -81,7 +169,9 @@ class DeviceRegistry:
     async def create_device(self, tenant_id: UUID, name: str) -> tuple[Device, str]:
         """Create a device; returns it with its token (shown once, stored as a hash)."""
         token = new_device_token()
-        device = await self._store.create_device(tenant_id, name, hash_token(token))
+        token_hash = hash_token(token)
+        device = await self._store.create_device(tenant_id, name, token_hash)
+        self._remember(token_hash, device, time.monotonic())
         self._bus.publish(DeviceEvent("created", device))
         return device, token
 

@@ -134,3 +134,42 @@ async def test_close_flushes_what_was_accepted() -> None:
     await pipe.close()
     await asyncio.gather(*tasks)
     assert sorted(writer.stored) == list(range(10))
+
+
+async def test_group_commit_writes_at_once_and_groups_what_arrives_during_a_write() -> None:
+    writer = MemoryWriter()
+    writer.gate = asyncio.Event()
+    async with pipeline(writer, max_delay_s=0.0) as pipe:
+        first = asyncio.create_task(pipe.submit(points(1), "test"))
+        await asyncio.sleep(0.05)  # the idle writer took it at once, alone
+        later = [asyncio.create_task(pipe.submit(points(1, 10 + i), "test")) for i in range(20)]
+        await asyncio.sleep(0.05)
+        assert not first.done() and not any(t.done() for t in later)
+        writer.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 5)
+    assert [len(batch) for batch in writer.batches] == [1, 20]
+
+
+async def test_try_enqueue_gives_a_future_that_completes_on_commit() -> None:
+    writer = MemoryWriter()
+    writer.gate = asyncio.Event()
+    async with pipeline(writer) as pipe:
+        future = pipe.try_enqueue(points(2), "test")
+        assert future is not None
+        await asyncio.sleep(0.05)
+        assert not future.done(), "completed before the write committed"
+        writer.gate.set()
+        await asyncio.wait_for(future, 5)
+    assert writer.stored == [0, 1]
+
+
+async def test_try_enqueue_refuses_without_waiting_when_the_queue_is_full() -> None:
+    writer = MemoryWriter()
+    writer.gate = asyncio.Event()
+    async with pipeline(writer, queue_max_points=5, max_batch_points=5) as pipe:
+        first = pipe.try_enqueue(points(5), "test")
+        assert first is not None
+        assert pipe.try_enqueue(points(1, 100), "test") is None
+        writer.gate.set()
+        await asyncio.wait_for(first, 5)
+    assert writer.stored == [0, 1, 2, 3, 4]

@@ -104,7 +104,7 @@ class _Settler:
         self._channel = channel
         self._order: deque[int] = deque()
         self._outcome: dict[int, bool | None] = {}  # tag -> None (running), True ack, False nack
-        self._lock = asyncio.Lock()
+        self._flushing = False
 
     def begin(self, tag: int) -> None:
         """Record a delivery (in delivery order)."""
@@ -112,22 +112,33 @@ class _Settler:
         self._outcome[tag] = None
 
     async def settle(self, tag: int, ack: bool) -> None:
-        """Mark a delivery done; send what the finished prefix allows."""
+        """Mark a delivery done; send what the finished prefix allows.
+
+        One flush at a time (a multiple-ack must never overtake an earlier nack), but no
+        lock: while a flush is sending, later settles only record their outcome and the
+        running flush sends them too. (With an asyncio.Lock, thousands of settles queued
+        on it and each acquire scanned all waiters: the event loop stalled for seconds.)
+        """
         self._outcome[tag] = ack
-        # One flush at a time: a multiple-ack must never overtake an earlier nack.
-        async with self._lock:
-            last_ack: int | None = None
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
             while self._order and self._outcome[self._order[0]] is not None:
-                head = self._order.popleft()
-                if self._outcome.pop(head):
-                    last_ack = head
-                    continue
+                last_ack: int | None = None
+                while self._order and self._outcome[self._order[0]] is not None:
+                    head = self._order.popleft()
+                    if self._outcome.pop(head):
+                        last_ack = head
+                        continue
+                    if last_ack is not None:
+                        await self._send(self._channel.basic_ack(last_ack, multiple=True))
+                        last_ack = None
+                    await self._send(self._channel.basic_nack(head, multiple=False, requeue=True))
                 if last_ack is not None:
                     await self._send(self._channel.basic_ack(last_ack, multiple=True))
-                    last_ack = None
-                await self._send(self._channel.basic_nack(head, multiple=False, requeue=True))
-            if last_ack is not None:
-                await self._send(self._channel.basic_ack(last_ack, multiple=True))
+        finally:
+            self._flushing = False
 
     @staticmethod
     async def _send(frame: Awaitable[None]) -> None:

@@ -10,6 +10,9 @@ idempotent, so each point is stored once.
 Threads: paho's network loop runs in paho's own thread (`loop_start`), which also
 reconnects with bounded backoff. Received messages are handed to the asyncio loop in
 batches (one wake-up per burst); the acknowledgement is queued back to paho from the loop.
+A message of a cached device is decoded and queued right there and acked from its commit
+callback (no task per message); anything else (uncached device, full queue, retries after a
+storage outage) goes through a task per message.
 
 The broker is trusted to authenticate devices and enforce the topic ACL (see
 `iiot.adapters.mosquitto_security` and docs/protocols-mqtt.md); the adapter resolves the
@@ -112,6 +115,9 @@ class DeviceLookup:
 
     async def get(self, device_id: UUID) -> Device:
         """The device (`NotFound`, `StorageUnavailable` as `registry.get`)."""
+        device = self._registry.cached(device_id)
+        if device is not None:
+            return device
         pending = self._pending.get(device_id)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -196,6 +202,7 @@ class MqttAdapter:
         self._inbox: collections.deque[tuple[paho.MQTTMessage, int]] = collections.deque()
         self._wakeup_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._commits: set[asyncio.Future[None]] = set()  # fast-path messages awaiting commit
         self._closing = False
         self._down_logged = False
         self._probed = False
@@ -229,9 +236,9 @@ class MqttAdapter:
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
-        if self._tasks:
+        if self._tasks or self._commits:
             # Let commits under way finish so their acks go out before we leave.
-            await asyncio.wait(self._tasks, timeout=10)
+            await asyncio.wait(self._tasks | self._commits, timeout=10)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -338,15 +345,69 @@ class MqttAdapter:
             message, generation = self._inbox.popleft()
             if self._closing:
                 continue  # not acked: the broker delivers it again on the next connection
-            task = asyncio.create_task(self._handle(message, generation))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if not self._ingest_now(message, generation):
+                self._start(self._handle(message, generation))
 
-    # --- ingestion ---------------------------------------------------------------------
-    async def _handle(self, message: paho.MQTTMessage, generation: int) -> None:
+    def _start(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ingest_now(self, message: paho.MQTTMessage, generation: int) -> bool:
+        """Fast path: queue a cached device's message, ack on commit; False if not taken."""
+        parts = message.topic.split("/")
+        if len(parts) != 3 or parts[0] != "devices" or parts[2] != "telemetry":
+            return False
+        try:
+            device = self.services.registry.cached(UUID(parts[1]))
+        except ValueError:
+            return False
+        if device is None:
+            return False
         if message.dup:
             self.services.metrics.redeliveries.labels(PROTOCOL).inc()
+        try:
+            future = self.services.ingestor.ingest_nowait(device, bytes(message.payload), PROTOCOL)
+        except (InvalidPayload, DeviceDisabled) as exc:
+            self.refusals.note(type(exc).__name__, f"message on {message.topic!r} refused: {exc}")
+            self._ack(message, generation)
+            return True
+        except StorageUnavailable:  # shutting down: not acked, the broker redelivers it
+            return True
+        self._commits.add(future)
+        future.add_done_callback(lambda done: self._committed(done, message, generation))
+        return True
+
+    def _committed(
+        self, future: asyncio.Future[None], message: paho.MQTTMessage, generation: int
+    ) -> None:
+        self._commits.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            self._ack(message, generation)
+        elif isinstance(error, StorageUnavailable):
+            self.services.ingestor.refused(PROTOCOL, error, counted=True)
+            if generation == self._generation and not self._closing:
+                # Not acked: the broker keeps the message; retry here with backoff.
+                self._start(self._handle(message, generation, retried=True))
+        else:  # refused for good by the store: not acked, logged like the slow path
+            log.error("MQTT message on %r not stored: %s", message.topic, error)
+
+    def _ack(self, message: paho.MQTTMessage, generation: int) -> None:
+        if message.qos > 0 and generation == self._generation and self._client is not None:
+            self._client.ack(message.mid, message.qos)
+
+    # --- ingestion ---------------------------------------------------------------------
+    async def _handle(
+        self, message: paho.MQTTMessage, generation: int, retried: bool = False
+    ) -> None:
+        if message.dup and not retried:
+            self.services.metrics.redeliveries.labels(PROTOCOL).inc()
         backoff = Backoff(initial_s=0.5, max_s=5.0)
+        if retried:
+            await asyncio.sleep(backoff.next_delay())
         while True:
             try:
                 await self._ingest(message)
@@ -356,8 +417,7 @@ class MqttAdapter:
                     return  # connection gone: the broker redelivers the message
                 # Not acked: the broker keeps the message; retry here with backoff.
                 await asyncio.sleep(backoff.next_delay())
-        if message.qos > 0 and generation == self._generation and self._client is not None:
-            self._client.ack(message.mid, message.qos)
+        self._ack(message, generation)
 
     async def _ingest(self, message: paho.MQTTMessage) -> None:
         """Ingest one message; refusals are counted and logged (and then acked)."""
