@@ -128,6 +128,7 @@ def _pipeline_settings(batch_size: int) -> PipelineSettings:
         max_delay_s=s.batch_max_delay_ms / 1000,
         queue_max_points=s.queue_max_points,
         commit_timeout_s=s.commit_timeout_s,
+        writers=s.batch_writers,
     )
     return replace(configured, max_batch_points=batch_size)
 

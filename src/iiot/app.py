@@ -129,6 +129,7 @@ class Platform:
                         max_delay_s=settings.batch_max_delay_ms / 1000,
                         queue_max_points=settings.queue_max_points,
                         commit_timeout_s=settings.commit_timeout_s,
+                        writers=settings.batch_writers,
                     ),
                 )
             )

@@ -41,6 +41,7 @@ class Settings:
     max_points_per_message: int = 10_000
     batch_max_points: int = 5000
     batch_max_delay_ms: int = 0  # 0: group commit (see pipeline.py)
+    batch_writers: int = 1  # batches committed at once, each on its own connection
     queue_max_points: int = 200_000
     commit_timeout_s: float = 30.0  # how long a device waits for its points to commit
     bcrypt_rounds: int = 12
@@ -166,6 +167,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_points_per_message": _int_between(1, 1_000_000),
     "batch_max_points": _int_between(1, 1_000_000),
     "batch_max_delay_ms": _int_between(0, 60_000),
+    "batch_writers": _int_between(1, 16),
     "queue_max_points": _int_between(1, 100_000_000),
     "commit_timeout_s": _positive_float,
     "bcrypt_rounds": _int_between(4, 16),

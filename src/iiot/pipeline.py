@@ -380,6 +380,10 @@ class Pipeline:
                 log.error("batch of %d points refused by storage: %s", points, exc)
                 self._finish(batch, points, exc)
                 return
+            except Exception:  # a store bug must not kill the writer and stall all ingestion
+                log.exception("batch of %d points failed unexpectedly; senders must retry", points)
+                self._finish(batch, points, StorageUnavailable("unexpected storage error"))
+                return
             break
         if not self.storage_ok:
             log.warning("storage available again; writing resumed")

@@ -32,6 +32,7 @@ class MemoryWriter:
         self.failures_left = 0
         self.gate: asyncio.Event | None = None
         self.refuse = False
+        self.crash = False
 
     async def write_points(self, batch: Sequence[DevicePoints]) -> None:
         if self.gate is not None:
@@ -41,6 +42,8 @@ class MemoryWriter:
             raise StorageUnavailable("database is down")
         if self.refuse:
             raise InvalidRequest("refused for good")
+        if self.crash:
+            raise RuntimeError("a bug in the store")
         self.batches.append(list(batch))
 
     @property
@@ -173,3 +176,14 @@ async def test_try_enqueue_refuses_without_waiting_when_the_queue_is_full() -> N
         writer.gate.set()
         await asyncio.wait_for(first, 5)
     assert writer.stored == [0, 1, 2, 3, 4]
+
+
+async def test_an_unexpected_store_error_fails_the_batch_but_not_the_writer() -> None:
+    writer = MemoryWriter()
+    async with pipeline(writer) as pipe:
+        writer.crash = True
+        with pytest.raises(StorageUnavailable, match="unexpected storage error"):
+            await asyncio.wait_for(pipe.submit(points(2), "test"), 5)
+        writer.crash = False
+        await asyncio.wait_for(pipe.submit(points(2, 10), "test"), 5)
+    assert writer.stored == [10, 11]
