@@ -9,7 +9,8 @@ What it does, all on loopback and bounded in time:
 3. checks each request of the mix once by hand, then drives it with `wrk` (bench/wrk/mix.lua):
    login (rare: bcrypt is deliberately slow), device listing, latest values, 24-hour history;
 4. runs the same wrk against `/healthz` (the server doing no work) as the baseline;
-5. stops everything and drops the database.
+5. stops everything and drops the database (`--keep-db NAME`: seeds into NAME and keeps it,
+   and a later run with the same data parameters reuses it instead of seeding again).
 
 Target (issue 6): 100 x the original 1,000 requests/minute = 1,667 req/s with p99 < 200 ms.
 """
@@ -219,6 +220,52 @@ async def _seed(db_name: str, params: Params, end_ms: int) -> tuple[list[Tenancy
     tenancies, devices = await _seed_objects(url, params)
     await _seed_telemetry(url, devices, params, end_ms)
     return tenancies, time.perf_counter() - started
+
+
+# --keep-db: the fixture's shape and end time are recorded in the kept database, so a later
+# run with the same data parameters reuses it (queries use the recorded window).
+_FIXTURE_DDL = "CREATE TABLE bench_fixture (shape text NOT NULL, end_ms bigint NOT NULL)"
+
+
+def _shape(params: Params) -> str:
+    return f"{params.devices}/{params.tenants}/{params.points_per_series}/{params.step_ms}"
+
+
+async def _load_kept(db_name: str, params: Params) -> tuple[list[Tenancy], int] | None:
+    """The fixture of a kept database seeded with the same data parameters, else None."""
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", db_name)
+    finally:
+        await admin.close()
+    if not exists:
+        return None
+    conn = await asyncpg.connect(_db_url(db_name))
+    try:
+        if await conn.fetchval("SELECT to_regclass('bench_fixture')") is None:
+            return None
+        row = await conn.fetchrow("SELECT shape, end_ms FROM bench_fixture")
+        if row is None or row["shape"] != _shape(params):
+            return None
+        rows = await conn.fetch(
+            "SELECT u.username, d.id FROM users u JOIN devices d ON d.tenant_id = u.tenant_id"
+            " WHERE u.role = 'tenant_user' ORDER BY u.username, d.name"
+        )
+    finally:
+        await conn.close()
+    by_user: dict[str, Tenancy] = {}
+    for r in rows:
+        by_user.setdefault(r["username"], Tenancy(r["username"])).device_ids.append(r["id"])
+    return list(by_user.values()), int(row["end_ms"])
+
+
+async def _record_kept(db_name: str, params: Params, end_ms: int) -> None:
+    conn = await asyncpg.connect(_db_url(db_name))
+    try:
+        await conn.execute(_FIXTURE_DDL)
+        await conn.execute("INSERT INTO bench_fixture VALUES ($1, $2)", _shape(params), end_ms)
+    finally:
+        await conn.close()
 
 
 # --- processes: the platform and nginx --------------------------------------------------
@@ -676,18 +723,26 @@ def _is_python(pid: int) -> bool:
     return False
 
 
-def _load_test(params: Params, progress: bool) -> dict[str, Any]:
-    db_name = f"iiot_bench_api_{os.getpid()}"
+def _load_test(params: Params, progress: bool, keep_db: str | None = None) -> dict[str, Any]:
+    db_name = keep_db or f"iiot_bench_api_{os.getpid()}"
     end_ms = time.time_ns() // 1_000_000
-    window_end = end_ms + 1
-    window_start = window_end - 24 * 3600 * 1000
 
     def say(text: str) -> None:
         if progress:
             print(f"[bench_api] {text}", file=sys.stderr, flush=True)
 
-    say(f"seeding {params.points:,} points into {db_name}")
-    tenancies, seed_s = asyncio.run(_seed(db_name, params, end_ms))
+    kept = asyncio.run(_load_kept(db_name, params)) if keep_db else None
+    if kept is not None:
+        tenancies, end_ms = kept
+        seed_s = 0.0
+        say(f"reusing the kept database {db_name} ({params.points:,} points)")
+    else:
+        say(f"seeding {params.points:,} points into {db_name}")
+        tenancies, seed_s = asyncio.run(_seed(db_name, params, end_ms))
+        if keep_db:
+            asyncio.run(_record_kept(db_name, params, end_ms))
+    window_end = end_ms + 1
+    window_start = window_end - 24 * 3600 * 1000
     try:
         with (
             tempfile.TemporaryDirectory(prefix="iiot-bench-api-") as tmp_name,
@@ -719,7 +774,8 @@ def _load_test(params: Params, progress: bool) -> dict[str, Any]:
             busy1, total1 = _cpu_busy()
             cpu_busy = (busy1 - busy0) / max(1, total1 - total0)
     finally:
-        asyncio.run(_drop_database(db_name))
+        if not keep_db:
+            asyncio.run(_drop_database(db_name))
     return _result(params, mix, baseline, sizes, seed_s, api_mode, conf_source, cpu_busy)
 
 
@@ -764,7 +820,8 @@ def _result(
         "notes": [
             verdict,
             f"{params.points:,} points ({params.devices} devices x {len(KEYS)} keys, "
-            f"{params.tenants} tenants), seeded in {seed_s:.0f} s",
+            f"{params.tenants} tenants), "
+            + (f"seeded in {seed_s:.0f} s" if seed_s else "kept database reused (--keep-db)"),
             f"API: {api_mode}; nginx: {conf_source}; TLS, keep-alive",
             f"mix: {', '.join(f'{k} {v:.1%}' for k, v in MIX.items())}",
             f"machine CPU busy during the mix: {cpu_busy:.0%} of {os.cpu_count()} cores "
@@ -851,12 +908,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer points, shorter load")
     parser.add_argument("--duration", type=int, help="seconds of load (default 30)")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
+    parser.add_argument(
+        "--keep-db",
+        metavar="NAME",
+        help="seed into database NAME and keep it; a later run with the same data "
+        "parameters reuses it instead of seeding again (drop it yourself when done)",
+    )
     args = parser.parse_args(argv)
     params = QUICK if args.quick else FULL
     if args.duration:
         params = Params(**{**_fields(params), "duration_s": args.duration})
     with _cleanup_on_sigterm():
-        result = _load_test(params, progress=True)
+        result = _load_test(params, progress=True, keep_db=args.keep_db)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -39,6 +39,10 @@ MIN_PASSWORD_BYTES = 8
 # The only algorithm accepted: a fixed list means `alg=none` or RS/HS confusion cannot apply.
 JWT_ALGORITHM = "HS256"
 _SECRET_BYTES = 32
+# Clock skew allowed on `exp` and `iat`.
+_LEEWAY_S = 5
+# Verified access tokens remembered per process (see TokenSigner.verify).
+_MAX_VERIFIED = 10_000
 
 
 def hash_password(password: str, rounds: int = 12) -> str:
@@ -120,6 +124,11 @@ class TokenSigner:
             raise ValueError("the JWT secret must be at least 32 bytes")
         self._secret = secret
         self.ttl_s = ttl_s
+        # Tokens whose signature was checked: every API request carries one, and the check
+        # (PyJWT decoding and HMAC) was a visible share of a small request's CPU. A token's
+        # claims never change, so only the expiry is checked again. Bounded, emptied when
+        # full. Who the user is *now* (deleted, role changed) is still read per request.
+        self._verified: dict[str, AccessClaims] = {}
 
     def issue(self, user_id: UUID, role: Role, tenant_id: UUID | None) -> str:
         """A signed access token valid for `ttl_s` seconds."""
@@ -135,13 +144,27 @@ class TokenSigner:
 
     def verify(self, token: str) -> AccessClaims:
         """The claims of a valid token; `AuthenticationError` for any bad, foreign or old one."""
+        known = self._verified.get(token)
+        if known is not None:
+            # The same rule as PyJWT's: expired once exp <= now - leeway.
+            if known.expires_at <= time.time() - _LEEWAY_S:
+                del self._verified[token]
+                raise AuthenticationError("access token expired: log in again")
+            return known
+        claims = self._decode(token)
+        if len(self._verified) >= _MAX_VERIFIED:
+            self._verified.clear()
+        self._verified[token] = claims
+        return claims
+
+    def _decode(self, token: str) -> AccessClaims:
         try:
             claims = jwt.decode(
                 token,
                 self._secret,
                 algorithms=[JWT_ALGORITHM],
                 options={"require": ["exp", "iat", "sub"]},
-                leeway=5,
+                leeway=_LEEWAY_S,
             )
             return AccessClaims(
                 user_id=UUID(str(claims["sub"])),

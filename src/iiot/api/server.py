@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import json
 import logging
 import socket
 from collections.abc import Iterator
-from typing import Self
+from typing import Literal, Self
 
 import uvicorn
 
@@ -18,6 +20,33 @@ from iiot.services import Services
 __all__ = ["HttpServer"]
 
 log = logging.getLogger(__name__)
+
+_BAD_REQUEST = json.dumps({"detail": "invalid HTTP request: it could not be parsed"}).encode()
+
+
+def _http_protocol() -> type[asyncio.Protocol] | Literal["h11"]:
+    """uvicorn's httptools protocol (C parser) when installed, else h11 (pure Python).
+
+    A request httptools cannot parse (e.g. a control character in a header value, which
+    h11 lets through) gets the API's JSON error shape instead of uvicorn's plain text.
+    """
+    if importlib.util.find_spec("httptools") is None:
+        return "h11"
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            for name, value in self.server_state.default_headers:
+                head.append(b"%s: %s\r\n" % (name, value))
+            head.append(
+                b"content-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n" % len(_BAD_REQUEST)
+            )
+            self.transport.write(b"".join(head) + _BAD_REQUEST)
+            self.transport.close()
+
+    return JsonErrorHttpToolsProtocol
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -80,6 +109,9 @@ class HttpServer:
             proxy_headers=True,
             forwarded_allow_ips="127.0.0.1",
             timeout_graceful_shutdown=5,
+            # The loop is the platform's own (uvloop for `iiot run --role api` when
+            # installed, see iiot.cli).
+            http=_http_protocol(),
         )
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")

@@ -118,6 +118,59 @@ _AGG_SQL = {
 _TENANT_COLS = "id, name, created_at, retention_days"
 _USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
 _DEVICE_COLS = "id, tenant_id, name, status, created_at"
+# Telemetry reads. $1 device, $2 scope, $3 keys (NULL: every key the device has, which all
+# have a row in telemetry_latest), $4 start, $5 end, $6 limit per key. The device's scope
+# is checked in the same statement: no row at all means the device is not visible.
+# Each key is one range scan of the (device_id, key, ts) primary key.
+_QUERY_KEYS = (
+    "coalesce($3::text[], ARRAY(SELECT key FROM telemetry_latest WHERE device_id = $1"
+    " ORDER BY key))"
+)
+_RAW_SQL = (
+    "SELECT k.key, t.ts, t.num_value, t.int_value, t.bool_value, t.str_value"
+    " FROM devices d"
+    f" LEFT JOIN LATERAL unnest({_QUERY_KEYS}) WITH ORDINALITY AS k(key, n) ON true"
+    " LEFT JOIN LATERAL (SELECT ts, num_value, int_value, bool_value, str_value"
+    "  FROM telemetry WHERE device_id = $1 AND key = k.key AND ts >= $4 AND ts < $5"
+    "  ORDER BY ts {direction} LIMIT $6) AS t ON true"
+    " WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2)"
+    " ORDER BY k.n, t.ts {direction}"
+)
+# $7: the interval. Buckets are floor(ts / interval) * interval, also for negative ts.
+_AGG_QUERY = f"""
+WITH p AS (
+    SELECT key, ts - ((ts % $7) + $7) % $7 AS bucket,
+           coalesce(num_value, int_value::double precision) AS num
+    FROM telemetry
+    WHERE device_id = $1 AND key = ANY({_QUERY_KEYS}) AND ts >= $4 AND ts < $5
+), g AS (
+    SELECT key, bucket, {{agg}} AS value FROM p GROUP BY key, bucket
+), r AS (
+    SELECT key, bucket, value,
+           row_number() OVER (PARTITION BY key ORDER BY bucket {{direction}}) AS n
+    FROM g WHERE value IS NOT NULL
+)
+SELECT r.key, r.bucket, r.value
+FROM devices d LEFT JOIN r ON r.n <= $6
+WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2)
+ORDER BY r.key, r.bucket {{direction}}
+"""
+# The same when the limit cannot cut anything (it is at least the number of buckets in the
+# range, as for a dashboard chart): no numbering of the buckets. $6: the interval.
+_AGG_ALL_QUERY = f"""
+WITH p AS (
+    SELECT key, ts - ((ts % $6) + $6) % $6 AS bucket,
+           coalesce(num_value, int_value::double precision) AS num
+    FROM telemetry
+    WHERE device_id = $1 AND key = ANY({_QUERY_KEYS}) AND ts >= $4 AND ts < $5
+), g AS (
+    SELECT key, bucket, {{agg}} AS value FROM p GROUP BY key, bucket
+)
+SELECT g.key, g.bucket, g.value
+FROM devices d LEFT JOIN g ON g.value IS NOT NULL
+WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2)
+ORDER BY g.key, g.bucket {{direction}}
+"""
 
 
 async def _init_connection(conn: Any) -> None:
@@ -166,6 +219,37 @@ def _value(row: Any) -> Scalar:
     return _common.value_from_columns(
         row["num_value"], row["int_value"], row["bool_value"], row["str_value"]
     )
+
+
+def _scalar(num: Any, integer: Any, boolean: Any, text: Any) -> Scalar:
+    # `_common.value_from_columns` inlined for the hot read paths (thousands of rows).
+    if num is not None:
+        return float(num)
+    if integer is not None:
+        return int(integer)
+    if boolean is not None:
+        return bool(boolean)
+    if text is not None:
+        return str(text)
+    raise ValueError("telemetry row without a value")
+
+
+def _raw_result(rows: Sequence[Any]) -> dict[str, list[tuple[int, Scalar]]]:
+    """Rows of `_RAW_SQL` (key, ts, value columns), ordered, as (ts, value) lists per key."""
+    result: dict[str, list[tuple[int, Scalar]]] = {}
+    current: str | None = None
+    points: list[tuple[int, Scalar]] = []
+    for key, ts, num, integer, boolean, text in rows:
+        if ts is None:  # a key without data in the range
+            continue
+        if key != current:
+            current = key
+            points = result.setdefault(key, [])
+        if num is not None:
+            points.append((ts, num))  # asyncpg decodes float8 to float already
+        else:
+            points.append((ts, _scalar(num, integer, boolean, text)))
+    return result
 
 
 class PostgresStore:
@@ -584,14 +668,19 @@ class PostgresStore:
 
         async def op(conn: Any) -> Page[Device]:
             where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
-            total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", scope)
+            # The total comes with the page (one round trip); only a page past the end
+            # needs its own count.
             rows = await conn.fetch(
-                f"SELECT {_DEVICE_COLS} FROM devices {where} ORDER BY name, id LIMIT $2 OFFSET $3",
+                f"SELECT {_DEVICE_COLS}, count(*) OVER () AS total FROM devices {where}"
+                " ORDER BY name, id LIMIT $2 OFFSET $3",
                 scope,
                 limit,
                 offset,
             )
-            return Page([_device(r) for r in rows], int(total))
+            if rows:
+                return Page([_device(r) for r in rows], int(rows[0]["total"]))
+            total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", scope)
+            return Page([], int(total))
 
         return await self._run(op)
 
@@ -741,66 +830,39 @@ class PostgresStore:
         """
         _common.check_query(query)
         direction = "DESC" if query.order == "desc" else "ASC"
+        keys = None if query.keys is None else list(dict.fromkeys(query.keys))
 
         async def op(conn: Any) -> dict[str, list[tuple[int, Scalar]]]:
-            await self._scoped_device(conn, scope, device_id)
-            keys = await self._keys(conn, device_id, query.keys)
-            if not keys or query.end <= query.start or query.limit == 0:
+            if keys == [] or query.end <= query.start or query.limit == 0:
+                await self._scoped_device(conn, scope, device_id)
                 return {}
+            # One statement checks the device's scope and reads the data (one round trip).
+            # It answers no row when the device is not visible, and a row of NULLs per key
+            # (raw) or one (aggregates) when there is no data.
             if query.agg == "none":
-                rows = await conn.fetch(
-                    f"SELECT k.key, t.ts, t.num_value, t.int_value, t.bool_value, t.str_value"
-                    f" FROM unnest($2::text[]) WITH ORDINALITY AS k(key, n)"
-                    f" CROSS JOIN LATERAL (SELECT ts, {_VALUE_COLS} FROM telemetry"
-                    f"  WHERE device_id = $1 AND key = k.key AND ts >= $3 AND ts < $4"
-                    f"  ORDER BY ts {direction} LIMIT $5) AS t"
-                    f" ORDER BY k.n, t.ts {direction}",
-                    device_id,
-                    keys,
-                    query.start,
-                    query.end,
-                    query.limit,
-                )
-                return _common.group_rows((r["key"], r["ts"], _value(r)) for r in rows)
-            rows = await conn.fetch(
-                f"""
-                WITH p AS (
-                    SELECT key, ts - ((ts % $5) + $5) % $5 AS bucket,
-                           coalesce(num_value, int_value::double precision) AS num
-                    FROM telemetry
-                    WHERE device_id = $1 AND key = ANY($2::text[]) AND ts >= $3 AND ts < $4
-                ), g AS (
-                    SELECT key, bucket, {_AGG_SQL[query.agg]} AS value
-                    FROM p GROUP BY key, bucket
-                ), r AS (
-                    SELECT key, bucket, value,
-                           row_number() OVER (PARTITION BY key ORDER BY bucket {direction}) AS n
-                    FROM g WHERE value IS NOT NULL
-                )
-                SELECT key, bucket, value FROM r WHERE n <= $6 ORDER BY key, bucket {direction}
-                """,
-                device_id,
-                keys,
-                query.start,
-                query.end,
-                query.interval_ms,
-                query.limit,
-            )
-            if query.agg == "count":
-                return _common.group_rows((r["key"], r["bucket"], int(r["value"])) for r in rows)
-            return _common.group_rows((r["key"], r["bucket"], float(r["value"])) for r in rows)
+                rows = await conn.fetch(_RAW_SQL.format(direction=direction), *params)
+                if not rows:
+                    raise NotFound(f"device {device_id} not found")
+                return _raw_result(rows)
+            first = query.start - query.start % query.interval_ms
+            args: tuple[Any, ...]
+            if query.limit >= (query.end - 1 - first) // query.interval_ms + 1:
+                sql, args = _AGG_ALL_QUERY, (*params[:5], query.interval_ms)
+            else:
+                sql, args = _AGG_QUERY, (*params, query.interval_ms)
+            sql = sql.format(agg=_AGG_SQL[query.agg], direction=direction)
+            rows = await conn.fetch(sql, *args)
+            if not rows:
+                raise NotFound(f"device {device_id} not found")
+            result: dict[str, list[tuple[int, Scalar]]] = {}
+            cast: Callable[[Any], Scalar] = int if query.agg == "count" else float
+            for key, bucket, value in rows:
+                if key is not None:
+                    result.setdefault(key, []).append((bucket, cast(value)))
+            return result
 
+        params = (device_id, scope, keys, query.start, query.end, query.limit)
         return await self._run(op)
-
-    @staticmethod
-    async def _keys(conn: Any, device_id: UUID, keys: tuple[str, ...] | None) -> list[str]:
-        if keys is not None:
-            return list(dict.fromkeys(keys))
-        # Every key ever written has a latest row: far cheaper than scanning telemetry.
-        rows = await conn.fetch(
-            "SELECT key FROM telemetry_latest WHERE device_id = $1 ORDER BY key", device_id
-        )
-        return [r["key"] for r in rows]
 
     async def latest(
         self, scope: Scope, device_id: UUID, keys: Sequence[str] | None = None
@@ -808,14 +870,24 @@ class PostgresStore:
         """The newest point (largest ts) of each key of a device."""
 
         async def op(conn: Any) -> dict[str, Point]:
-            await self._scoped_device(conn, scope, device_id)
+            # The scope check and the read in one statement: no row means no visible device,
+            # one row of NULLs a device without data.
             rows = await conn.fetch(
-                f"SELECT key, ts, {_VALUE_COLS} FROM telemetry_latest WHERE device_id = $1"
-                " AND ($2::text[] IS NULL OR key = ANY($2::text[])) ORDER BY key",
+                "SELECT l.key, l.ts, l.num_value, l.int_value, l.bool_value, l.str_value"
+                " FROM devices d LEFT JOIN telemetry_latest l ON l.device_id = d.id"
+                " AND ($3::text[] IS NULL OR l.key = ANY($3::text[]))"
+                " WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2) ORDER BY l.key",
                 device_id,
+                scope,
                 None if keys is None else list(keys),
             )
-            return {r["key"]: Point(r["key"], r["ts"], _value(r)) for r in rows}
+            if not rows:
+                raise NotFound(f"device {device_id} not found")
+            return {
+                key: Point(key, ts, _scalar(num, integer, boolean, text))
+                for key, ts, num, integer, boolean, text in rows
+                if key is not None
+            }
 
         return await self._run(op)
 
