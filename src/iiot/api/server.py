@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Literal, Self
 
 import uvicorn
+from fastapi import FastAPI
 
 from iiot.api.app import create_api
 from iiot.errors import ConfigError
@@ -75,6 +76,10 @@ class HttpServer:
         """Start-up log line."""
         return f"HTTP {self._host}:{self.port} (REST API /api, docs /docs, metrics /metrics)"
 
+    def build_app(self) -> FastAPI:
+        """The application this server serves (the whole API here)."""
+        return create_api(self._services)
+
     @property
     def port(self) -> int:
         """The bound port (useful when configured as an ephemeral one in tests)."""
@@ -102,7 +107,7 @@ class HttpServer:
         sock.setblocking(False)
         self._socket = sock
         config = uvicorn.Config(
-            create_api(self._services),
+            self.build_app(),
             log_config=None,
             access_log=False,
             lifespan="off",
