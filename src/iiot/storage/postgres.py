@@ -83,6 +83,13 @@ WHERE (t.num_value, t.int_value, t.bool_value, t.str_value)
 # First a plain UPDATE of the rows that exist: ON CONFLICT DO UPDATE would also write a
 # row lock (and its WAL record) for every row, which made it twice as slow. A late (older)
 # point never replaces a newer latest value; the same ts replaces it.
+# Taken shared by every telemetry batch and exclusively by device and tenant deletes.
+_DEVICES_LOCK = 0x1107_DE71
+# With many series the planner hashes the whole telemetry_latest table for every batch
+# (measured: 31 ms per 3,000-row batch at 100,000 series, growing with the table); index
+# probes per updated row cost 12 ms and do not grow. SET LOCAL ends with the transaction.
+_LATEST_PLAN = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+_WRITE_TRANSACTION_SETUP = f"SELECT pg_advisory_xact_lock_shared({_DEVICES_LOCK}); {_LATEST_PLAN}"
 _UPDATE_LATEST = f"""
 UPDATE telemetry_latest AS l
 SET ts = u.ts, num_value = u.num_value, int_value = u.int_value,
@@ -465,13 +472,13 @@ class PostgresStore:
 
         async def op(conn: Any) -> None:
             async with conn.transaction():
-                # Lock the devices in id order (as writers do) so that in-flight batches
-                # finish first and none can add rows to a device being deleted.
+                # As in delete_device: in-flight batches finish first, and none can add
+                # rows to a device being deleted.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _DEVICES_LOCK)
                 ids = [
                     r["id"]
                     for r in await conn.fetch(
-                        "SELECT id FROM devices WHERE tenant_id = $1 ORDER BY id FOR UPDATE",
-                        tenant_id,
+                        "SELECT id FROM devices WHERE tenant_id = $1", tenant_id
                     )
                 ]
                 status = await conn.execute("DELETE FROM tenants WHERE id = $1", tenant_id)
@@ -737,9 +744,9 @@ class PostgresStore:
 
         async def op(conn: Any) -> None:
             async with conn.transaction():
-                # The row lock of the DELETE waits for batches holding FOR KEY SHARE on
-                # this device; later batches then find it gone and skip its points, so
-                # the telemetry deleted next cannot gain new rows.
+                # Waits for batches in flight; later batches then find the device gone
+                # and skip its points, so the telemetry deleted next cannot gain new rows.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _DEVICES_LOCK)
                 status = await conn.execute(
                     "DELETE FROM devices WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
                     device_id,
@@ -783,13 +790,15 @@ class PostgresStore:
     async def _write_transaction(conn: Any, rows: _common.BatchRows, *, merge: bool) -> None:
         """One transaction storing the rows of live devices and their latest values."""
         async with conn.transaction():
-            # One lock per device instead of one foreign-key check per row; a concurrent
-            # delete_device waits for this commit (see delete_device).
+            # No foreign key per row: batches share one advisory lock that device and
+            # tenant deletes take exclusively, so a delete waits for batches in flight and
+            # later batches find the device gone (locking each device row instead cost a
+            # write to every device row of every batch). Join settings: see _LATEST_PLAN.
+            await conn.execute(_WRITE_TRANSACTION_SETUP)
             alive = {
                 r["id"]
                 for r in await conn.fetch(
-                    "SELECT id FROM devices WHERE id = ANY($1::uuid[]) ORDER BY id FOR KEY SHARE",
-                    rows.device_ids,
+                    "SELECT id FROM devices WHERE id = ANY($1::uuid[])", rows.device_ids
                 )
             }
             if len(alive) != len(rows.device_ids):
