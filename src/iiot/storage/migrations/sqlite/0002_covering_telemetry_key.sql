@@ -1,0 +1,4 @@
+-- Nothing to change on SQLite: its telemetry table is WITHOUT ROWID, so the rows already
+-- live in primary-key order and a history read is one contiguous scan. This version only
+-- keeps the schema versions of both stores in step (PostgreSQL's 0002 puts the values in
+-- the telemetry key); backups record the version and restore across stores by it.
