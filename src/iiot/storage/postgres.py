@@ -133,11 +133,16 @@ _QUERY_KEYS = (
     "coalesce($3::text[], ARRAY(SELECT key FROM telemetry_latest WHERE device_id = $1"
     " ORDER BY key))"
 )
+# The lateral part reads only what the telemetry key holds (migration 0002), so a range is
+# an index-only scan; str_value, outside the key, is fetched per point for string points only.
 _RAW_SQL = (
-    "SELECT k.key, t.ts, t.num_value, t.int_value, t.bool_value, t.str_value"
+    "SELECT k.key, t.ts, t.num_value, t.int_value, t.bool_value,"
+    " CASE WHEN t.ts IS NOT NULL AND num_nonnulls(t.num_value, t.int_value, t.bool_value) = 0"
+    "  THEN (SELECT s.str_value FROM telemetry s"
+    "        WHERE s.device_id = $1 AND s.key = k.key AND s.ts = t.ts) END"
     " FROM devices d"
     f" LEFT JOIN LATERAL unnest({_QUERY_KEYS}) WITH ORDINALITY AS k(key, n) ON true"
-    " LEFT JOIN LATERAL (SELECT ts, num_value, int_value, bool_value, str_value"
+    " LEFT JOIN LATERAL (SELECT ts, num_value, int_value, bool_value"
     "  FROM telemetry WHERE device_id = $1 AND key = k.key AND ts >= $4 AND ts < $5"
     "  ORDER BY ts {direction} LIMIT $6) AS t ON true"
     " WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2)"
