@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import queue
 import shutil
 import socket
@@ -34,19 +33,15 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-ADMIN_URL = os.environ.get(
-    "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+from bench.pg import temporary_database
+
 DEVICES = 1000
 BASE_TS = 1_767_225_600_000
 PUBLISHERS = 2
@@ -122,25 +117,6 @@ def _run_publishers(port: int, device_ids: list[str], messages: int, topic_fmt: 
         proc.start()
     for proc in procs:
         proc.join(180)
-
-
-@asynccontextmanager
-async def _database() -> AsyncIterator[str]:
-    name = f"iiot_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    parts = urlsplit(ADMIN_URL)
-    try:
-        yield urlunsplit(parts._replace(path="/" + name))
-    finally:
-        admin = await asyncpg.connect(ADMIN_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 class _Mosquitto:
@@ -303,7 +279,7 @@ async def _run(quick: bool) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="iiot-bench-mqtt-"))
     broker = _Mosquitto(workdir)
     try:
-        async with _database() as db_url:
+        async with temporary_database() as db_url:
             end_to_end = await _end_to_end(db_url, broker, workdir, messages)
             copy = await _copy_limit(db_url, messages * 3)
             naive = await _naive(db_url, broker, naive_messages)

@@ -39,15 +39,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.pg import temporary_database
 from iiot.bus import LiveBus
 from iiot.config import load_settings
 from iiot.metrics import Metrics
@@ -59,9 +58,6 @@ from iiot.storage.sqlite import SqliteStore
 
 __all__ = ["main", "measure", "run"]
 
-ADMIN_URL = os.environ.get(
-    "IIOT_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 DEVICES = 1000
 KEYS = 3  # points per message
 GOAL_PG_PIPELINE = 0.70  # issue 2: the pipeline reaches 70% of the raw limit on PostgreSQL
@@ -131,25 +127,6 @@ def _pipeline_settings(batch_size: int) -> PipelineSettings:
         writers=s.batch_writers,
     )
     return replace(configured, max_batch_points=batch_size)
-
-
-@asynccontextmanager
-async def fresh_pg_database() -> AsyncIterator[str]:
-    """A new empty `iiot_bench_*` database on the PostgreSQL server, dropped afterwards."""
-    name = f"iiot_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield urlunsplit(urlsplit(ADMIN_URL)._replace(path="/" + name))
-    finally:
-        admin = await asyncpg.connect(ADMIN_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def _devices(store: PostgresStore | SqliteStore) -> list[Device]:
@@ -244,7 +221,7 @@ async def bench_postgres(
 ) -> dict[str, dict[str, Any]]:
     """Raw COPY, write_points and the pipeline, run in turn `repeat` times."""
     settings = _pipeline_settings(batch_size)
-    async with fresh_pg_database() as url, PostgresStore(url) as store:
+    async with temporary_database() as url, PostgresStore(url) as store:
         messages = make_messages(points, await _devices(store))
         batches = cut_batches(messages, batch_size)
         # Identical rows for the raw COPY: what the store writes, already deduplicated.

@@ -7,45 +7,25 @@ A test that needs a service skips when it is unreachable, unless IIOT_REQUIRE_SE
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support import need_service
+from tests.support import need_service, temporary_pg_database
 
 PG_URL = os.environ.get("IIOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MQTT_HOST, MQTT_PORT = "127.0.0.1", int(os.environ.get("IIOT_TEST_MQTT_PORT", "1883"))
 AMQP_URL = os.environ.get("IIOT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + database))
-
-
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    import asyncpg
-
     parts = urlsplit(PG_URL)
     need_service("PostgreSQL", parts.hostname or "127.0.0.1", parts.port or 5432)
-    name = f"iiot_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield _with_database(PG_URL, name)
-    finally:
-        admin = await asyncpg.connect(PG_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with temporary_pg_database(PG_URL) as url:
+        yield url
 
 
 @pytest.fixture

@@ -8,8 +8,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -77,6 +79,27 @@ async def running_platform(env: Mapping[str, str]) -> AsyncIterator[Platform]:
         yield platform
 
 
+@contextlib.asynccontextmanager
+async def temporary_pg_database(admin_url: str, prefix: str = "iiot_test") -> AsyncIterator[str]:
+    """A new empty database on the server of `admin_url` (its URL), dropped afterwards."""
+    import asyncpg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield urlunsplit(urlsplit(admin_url)._replace(path="/" + name))
+    finally:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
 def wait_for_port(host: str, port: int, timeout_s: float = 30.0) -> None:
     """Block until something accepts TCP connections at host:port."""
     deadline = time.monotonic() + timeout_s
@@ -121,5 +144,6 @@ __all__ = [
     "platform_process",
     "running_platform",
     "services_required",
+    "temporary_pg_database",
     "wait_for_port",
 ]

@@ -19,14 +19,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from iiot.backup import BackupError, backup, read_manifest, restore
 from iiot.storage import open_store
-from tests.support import platform_env, running_platform
+from tests.support import platform_env, running_platform, temporary_pg_database
 
 TABLES = {
     "tenants": "id, name, created_at, retention_days",
@@ -76,20 +75,8 @@ async def all_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
 @pytest.fixture
 async def second_pg_url(pg_url: str) -> AsyncIterator[str]:
     """Another fresh PostgreSQL database on the same server (the restore target)."""
-    name = f"iiot_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield urlunsplit(urlsplit(pg_url)._replace(path="/" + name))
-    finally:
-        admin = await asyncpg.connect(pg_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with temporary_pg_database(pg_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
