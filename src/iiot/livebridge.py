@@ -27,7 +27,7 @@ import asyncpg
 from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent
 from iiot.model import Device, DevicePoints, Point
 from iiot.services import Services
-from iiot.supervisor import supervise
+from iiot.supervisor import cancel_and_wait, supervise
 
 __all__ = ["CHANNEL", "LiveBridge", "decode", "encode"]
 
@@ -110,11 +110,8 @@ class LiveBridge:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._queue is not None:
             self._services.bus.unsubscribe(self._queue)
             self._queue = None

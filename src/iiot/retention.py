@@ -9,7 +9,6 @@ sending still shows its last value.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Self
@@ -18,6 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from iiot.errors import IIoTError
 from iiot.services import Services
+from iiot.supervisor import cancel_and_wait
 
 __all__ = ["RetentionJob"]
 
@@ -59,11 +59,8 @@ class RetentionJob:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._services.health.set(self.name, "off", "stopped")
 
     async def run_once(self) -> int:

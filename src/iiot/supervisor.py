@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Backoff", "supervise"]
+__all__ = ["Backoff", "cancel_and_wait", "supervise"]
 
 
 @dataclass(slots=True)
@@ -71,3 +73,12 @@ async def supervise(
             logger.error("%s down (%s); reconnecting with backoff", name, reason)
             down = True
         await asyncio.sleep(delay.next_delay())
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a component's background task and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -39,7 +39,7 @@ from iiot.errors import AuthenticationError, IIoTError, StorageUnavailable
 from iiot.ingest import refusal_reason
 from iiot.model import Device
 from iiot.services import Services
-from iiot.supervisor import Backoff, supervise
+from iiot.supervisor import Backoff, cancel_and_wait, supervise
 
 __all__ = [
     "BINDING_KEY",
@@ -245,11 +245,8 @@ class AmqpAdapter:
             await asyncio.wait(set(self._inflight), timeout=timeout)
             for task in list(self._inflight):
                 task.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._services.health.set(self.name, "off", "stopped")
         self._services.metrics.component_up.labels(self.name).set(0)
 

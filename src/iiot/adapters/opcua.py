@@ -9,7 +9,6 @@ login exist only with `IIOT_OPCUA_ALLOW_NONE=1`. The parts live in `opcua_*` mod
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import unicodedata
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from iiot.adapters.opcua_transport import PlatformServer
 from iiot.bus import LiveEvent
 from iiot.errors import ConfigError, NotFound, StorageUnavailable
 from iiot.services import Services
+from iiot.supervisor import cancel_and_wait
 
 __all__ = ["NAMESPACE_URI", "OpcUaServer"]
 
@@ -133,11 +133,8 @@ class OpcUaServer:
         services.metrics.component_up.labels(self.name).set(1)
 
     async def _stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._queue is not None:
             self._services.bus.unsubscribe(self._queue)
             self._queue = None
