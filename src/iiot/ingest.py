@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from iiot.codec import Limits, check_size, parse_telemetry
+from iiot.codec import Limits, parse_telemetry
 from iiot.errors import (
     AuthenticationError,
     DeviceDisabled,
@@ -27,6 +27,7 @@ from iiot.registry import DeviceRegistry
 __all__ = ["Decoder", "Ingestor", "refusal_reason"]
 
 # A payload format: bytes, receipt time (Unix ms), limits -> points (e.g. JSON, SenML).
+# Each decoder enforces every limit, the size limit first.
 Decoder = Callable[[bytes, int, Limits], list[Point]]
 
 
@@ -105,7 +106,6 @@ class Ingestor:
         try:
             if device.disabled:
                 raise DeviceDisabled(f"device {device.name!r} is disabled")
-            check_size(body, self.limits)
             points = decode(body, int(time.time() * 1000), self.limits)
         except (DeviceDisabled, InvalidPayload) as exc:
             self.refused(protocol, exc, counted=True)
