@@ -320,6 +320,8 @@ async def _backup(database_url: str, kind: str, path: Path) -> Manifest:
 async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
     import asyncpg
 
+    from iiot.storage.postgres import PG_CURRENT_LATEST
+
     try:
         conn = await asyncpg.connect(url, timeout=10)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -331,9 +333,16 @@ async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
             schema = await _pg_schema_version(conn, url)
             for name, columns in _TABLES:
                 with gzip.open(folder / f"{name}.tsv.gz", "wb", compresslevel=1) as out:
-                    status = await conn.copy_from_table(
-                        name, output=out, columns=[c for c, _ in columns], format="text"
-                    )
+                    if name == "telemetry_latest":
+                        # The table may lag the stored points by one refresh: the values
+                        # readers see, as every store restores them.
+                        status = await conn.copy_from_query(
+                            PG_CURRENT_LATEST, output=out, format="text"
+                        )
+                    else:
+                        status = await conn.copy_from_table(
+                            name, output=out, columns=[c for c, _ in columns], format="text"
+                        )
                 counts[name] = int(status.split()[-1])
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         raise StorageUnavailable(f"{_describe(url)} became unavailable: {exc}") from exc
@@ -515,6 +524,8 @@ def _refuse_non_empty(counts: dict[str, int], where: str) -> None:
 async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) -> None:
     import asyncpg
 
+    from iiot.storage.postgres import lock_out_writers
+
     where = _describe(url)
     try:
         conn = await asyncpg.connect(url, timeout=10)
@@ -532,6 +543,7 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
             if not force:
                 _refuse_non_empty(counts, where)
             else:
+                await lock_out_writers(conn)  # a running platform must recheck its devices
                 await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)}")
             for name, _ in _TABLES:
                 entry = manifest.tables.get(name)

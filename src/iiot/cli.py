@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import getpass
 import logging
 import sys
@@ -20,6 +19,7 @@ from iiot import __version__
 from iiot.config import Settings, load_settings
 from iiot.errors import IIoTError, InvalidRequest, NotFound
 from iiot.model import Role, Tenant
+from iiot.runtime import tune_garbage_collector
 from iiot.storage import open_store
 from iiot.storage.base import Store
 
@@ -242,14 +242,13 @@ def _cmd_run(settings: Settings, args: argparse.Namespace) -> None:
 
         run_workers(settings, args.role, args.workers)
         return
-    with asyncio.Runner(loop_factory=_api_runtime(args.role)) as runner:
+    tune_garbage_collector()
+    with asyncio.Runner(loop_factory=_event_loop_factory(args.role)) as runner:
         runner.run(run_platform(settings, args.role))
 
 
-def _api_runtime(role: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """Runtime settings of an API process; returns its event loop factory.
-
-    uvloop when it is installed (the default loop otherwise).
+def _event_loop_factory(role: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop of a platform process: uvloop for the API role when installed.
 
     An API process spends much of its CPU on socket I/O and callbacks, which uvloop does
     in C (figures: docs/performance.md). Ingestion roles keep the default loop: their
@@ -257,15 +256,6 @@ def _api_runtime(role: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """
     if role != "api":
         return None
-    # The garbage collector, too: a 24-hour history answer allocates tens of thousands of
-    # objects that live for the whole request, so they survive young collections and
-    # keep triggering full ones over every module, class and function loaded at start.
-    # Freezing what exists now takes those out of every collection; the higher
-    # thresholds make collections rarer. This took about a third of the CPU off a raw
-    # 24-hour history request (docs/performance.md).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
     try:
         import uvloop
     except ImportError:

@@ -41,7 +41,7 @@ class Settings:
     max_points_per_message: int = 10_000
     batch_max_points: int = 5000
     batch_max_delay_ms: int = 0  # 0: group commit (see pipeline.py)
-    batch_writers: int = 1  # batches committed at once, each on its own connection
+    batch_writers: int = 4  # batches written at once: the next is sent while one commits
     queue_max_points: int = 200_000
     commit_timeout_s: float = 30.0  # how long a device waits for its points to commit
     bcrypt_rounds: int = 12

@@ -7,6 +7,7 @@ answers (HTTP status, CoAP code, AMQP reject); the rules themselves live only he
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from iiot.errors import (
 )
 from iiot.metrics import Metrics
 from iiot.model import Device, DevicePoints, Point
-from iiot.pipeline import Pipeline
+from iiot.pipeline import Done, Pipeline
 from iiot.registry import DeviceRegistry
 
 __all__ = ["Decoder", "Ingestor", "refusal_reason"]
@@ -57,6 +58,7 @@ class Ingestor:
         self.metrics = metrics
         self.limits = limits
         self._by_protocol: dict[str, tuple[Any, Any]] = {}
+        self._waiting: set[asyncio.Future[None]] = set()  # fast-path messages waiting for space
 
     async def ingest_token(
         self, token: str, body: bytes, protocol: str, decode: Decoder = parse_telemetry
@@ -82,23 +84,39 @@ class Ingestor:
         return len(item.points)
 
     def ingest_nowait(
-        self, device: Device, body: bytes, protocol: str, decode: Decoder = parse_telemetry
-    ) -> asyncio.Future[None]:
+        self,
+        device: Device,
+        body: bytes,
+        protocol: str,
+        on_done: Done,
+        decode: Decoder = parse_telemetry,
+    ) -> None:
         """Check, decode and queue a message without waiting (adapters' fast path).
 
-        Raises what `ingest` raises before the commit; returns a future that completes
-        when the points are committed, or fails as `ingest` would (the caller counts a
-        `StorageUnavailable` with `refused(..., counted=True)`).
+        Raises what `ingest` raises before the commit. Then `on_done(None)` is called once
+        the points are committed, or `on_done(error)` with what `ingest` would raise (the
+        caller counts a `StorageUnavailable` with `refused(..., counted=True)`).
         """
         item = self._decode(device, body, protocol, decode)
+        if not item.points:
+            on_done(None)
+            return
         try:
-            future = self.pipeline.try_enqueue(item, protocol) if item.points else None
+            queued = self.pipeline.enqueue(item, protocol, on_done)
         except StorageUnavailable as exc:
             self.refused(protocol, exc, counted=True)
             raise
-        if future is None:  # nothing to store, or the queue is full: wait in a task
-            return asyncio.ensure_future(self.pipeline.submit(item, protocol))
-        return future
+        if not queued:  # the queue is full: wait for space in a task
+            task = asyncio.ensure_future(self.pipeline.submit(item, protocol))
+            self._waiting.add(task)
+            task.add_done_callback(functools.partial(self._settled, on_done))
+
+    def _settled(self, on_done: Done, task: asyncio.Future[None]) -> None:
+        self._waiting.discard(task)
+        if task.cancelled():
+            on_done(StorageUnavailable("platform is shutting down"))
+        else:
+            on_done(task.exception())
 
     def _decode(self, device: Device, body: bytes, protocol: str, decode: Decoder) -> DevicePoints:
         counters = self._counters(protocol)

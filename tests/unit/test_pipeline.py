@@ -93,7 +93,7 @@ async def test_outage_holds_points_and_resumes_without_loss() -> None:
 async def test_commit_timeout_withdraws_points_not_yet_written() -> None:
     writer = MemoryWriter()
     writer.gate = asyncio.Event()
-    async with pipeline(writer, commit_timeout_s=0.2, max_batch_points=5) as pipe:
+    async with pipeline(writer, commit_timeout_s=0.2, max_batch_points=5, writers=1) as pipe:
         first = asyncio.create_task(pipe.submit(points(5), "test"))  # taken by the writer
         await asyncio.sleep(0.05)
         with pytest.raises(StorageUnavailable):
@@ -103,6 +103,39 @@ async def test_commit_timeout_withdraws_points_not_yet_written() -> None:
             await first
         writer.gate.set()
     assert writer.stored == [0, 1, 2, 3, 4], "the withdrawn message must not be written"
+
+
+class OrderedGates(MemoryWriter):
+    """Holds each batch until its own gate (by first ts) opens: commits out of order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: dict[int, asyncio.Event] = {}
+
+    async def write_points(self, batch: Sequence[DevicePoints]) -> None:
+        await self.gates.setdefault(batch[0].points[0].ts, asyncio.Event()).wait()
+        self.batches.append(list(batch))
+
+
+async def test_senders_hear_in_arrival_order_when_a_later_batch_commits_first() -> None:
+    writer, bus = OrderedGates(), LiveBus()
+    events = bus.subscribe()
+    async with pipeline(writer, bus, max_batch_points=5, max_delay_s=0, writers=2) as pipe:
+        first = asyncio.create_task(pipe.submit(points(5, 0), "test"))
+        second = asyncio.create_task(pipe.submit(points(5, 100), "test"))
+        await asyncio.sleep(0.05)
+        writer.gates.setdefault(100, asyncio.Event()).set()  # the second batch commits
+        await asyncio.sleep(0.05)
+        assert writer.stored == [100, 101, 102, 103, 104]
+        assert not second.done(), "told before the older batch committed"
+        assert events.empty()
+        writer.gates.setdefault(0, asyncio.Event()).set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+    published = [events.get_nowait(), events.get_nowait()]
+    assert [e.batch[0].points[0].ts for e in published if isinstance(e, TelemetryEvent)] == [
+        0,
+        100,
+    ]
 
 
 async def test_full_queue_makes_producers_wait_instead_of_dropping() -> None:
@@ -176,6 +209,45 @@ async def test_try_enqueue_refuses_without_waiting_when_the_queue_is_full() -> N
         writer.gate.set()
         await asyncio.wait_for(first, 5)
     assert writer.stored == [0, 1, 2, 3, 4]
+
+
+async def test_enqueue_calls_back_after_commit_in_arrival_order() -> None:
+    writer = MemoryWriter()
+    writer.gate = asyncio.Event()
+    heard: list[tuple[int, BaseException | None]] = []
+    async with pipeline(writer, max_batch_points=4, max_delay_s=0, writers=2) as pipe:
+        for i in range(6):
+            assert pipe.enqueue(points(2, i * 10), "test", lambda e, i=i: heard.append((i, e)))
+        await asyncio.sleep(0.05)
+        assert heard == [], "called back before the write committed"
+        writer.gate.set()
+        for _ in range(100):
+            if len(heard) == 6:
+                break
+            await asyncio.sleep(0.01)
+    assert heard == [(i, None) for i in range(6)]
+    assert sorted(writer.stored) == sorted(i * 10 + j for i in range(6) for j in range(2))
+
+
+async def test_enqueue_refuses_when_full_and_reports_failures_to_the_callback() -> None:
+    writer = MemoryWriter()
+    writer.gate = asyncio.Event()
+    heard: list[BaseException | None] = []
+
+    def broken(error: BaseException | None) -> None:
+        raise RuntimeError("a sender's bug")
+
+    async with pipeline(
+        writer, queue_max_points=5, max_batch_points=5, commit_timeout_s=0.2, writers=1
+    ) as pipe:
+        assert pipe.enqueue(points(3), "test", broken)
+        assert pipe.enqueue(points(2, 100), "test", heard.append)
+        assert not pipe.enqueue(points(1, 200), "test", heard.append), "queue over its bound"
+        await asyncio.sleep(0.5)  # the commit timeout passes with the write held
+        assert len(heard) == 1 and isinstance(heard[0], StorageUnavailable)
+        writer.gate.set()
+        await pipe.submit(points(1, 300), "test")  # the writer survived the broken callback
+    assert 300 in writer.stored and 200 not in writer.stored
 
 
 async def test_an_unexpected_store_error_fails_the_batch_but_not_the_writer() -> None:

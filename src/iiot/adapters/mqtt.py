@@ -202,7 +202,8 @@ class MqttAdapter:
         self._inbox: collections.deque[tuple[paho.MQTTMessage, int]] = collections.deque()
         self._wakeup_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._commits: set[asyncio.Future[None]] = set()  # fast-path messages awaiting commit
+        self._commits = 0  # fast-path messages awaiting commit
+        self._commits_done = asyncio.Event()
         self._closing = False
         self._down_logged = False
         self._probed = False
@@ -238,7 +239,11 @@ class MqttAdapter:
         self._closing = True
         if self._tasks or self._commits:
             # Let commits under way finish so their acks go out before we leave.
-            await asyncio.wait(self._tasks | self._commits, timeout=10)
+            waits = [*self._tasks, asyncio.ensure_future(self._commits_done.wait())]
+            if not self._commits:
+                self._commits_done.set()
+            await asyncio.wait(waits, timeout=10)
+            waits[-1].cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -366,25 +371,30 @@ class MqttAdapter:
             return False
         if message.dup:
             self.services.metrics.redeliveries.labels(PROTOCOL).inc()
+        self._commits += 1
         try:
-            future = self.services.ingestor.ingest_nowait(device, bytes(message.payload), PROTOCOL)
+            self.services.ingestor.ingest_nowait(
+                device,
+                bytes(message.payload),
+                PROTOCOL,
+                lambda error: self._committed(error, message, generation),
+            )
         except (InvalidPayload, DeviceDisabled) as exc:
+            self._commits -= 1
             self.refusals.note(type(exc).__name__, f"message on {message.topic!r} refused: {exc}")
             self._ack(message, generation)
             return True
         except StorageUnavailable:  # shutting down: not acked, the broker redelivers it
+            self._commits -= 1
             return True
-        self._commits.add(future)
-        future.add_done_callback(lambda done: self._committed(done, message, generation))
         return True
 
     def _committed(
-        self, future: asyncio.Future[None], message: paho.MQTTMessage, generation: int
+        self, error: BaseException | None, message: paho.MQTTMessage, generation: int
     ) -> None:
-        self._commits.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
+        self._commits -= 1
+        if self._commits == 0 and self._closing:
+            self._commits_done.set()
         if error is None:
             self._ack(message, generation)
         elif isinstance(error, StorageUnavailable):

@@ -100,8 +100,8 @@ class BatchRows:
 def batch_rows(batch: Sequence[DevicePoints]) -> BatchRows:
     """Telemetry rows of a batch, its devices and its newest point per key, in one pass.
 
-    This loop runs for every point ingested, so it is written for speed: the common
-    value types inline, and newest points looked up by key within each device.
+    This loop runs for every point ingested, so it is written for speed: the value types
+    inline, and newest points looked up by key within each device.
     """
     rows: list[Row] = []
     append = rows.append
@@ -120,6 +120,10 @@ def batch_rows(batch: Sequence[DevicePoints]) -> BatchRows:
             row: Row
             if type(value) is float and isfinite(value):
                 row = (device_id, key, ts, value, None, None, None)
+            elif type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+                row = (device_id, key, ts, None, value, None, None)
+            elif type(value) is bool:
+                row = (device_id, key, ts, None, None, value, None)
             elif type(value) is str:
                 row = (device_id, key, ts, None, None, None, value)
             else:

@@ -2,7 +2,8 @@
 
 A telemetry batch is COPYed straight into `telemetry`; only when it repeats stored points
 does it go through a per-connection temporary staging table and `INSERT ... ON CONFLICT`.
-The latest values are upserted in the same transaction. Connection failures are
+Series seen for the first time get their `telemetry_latest` row in the same transaction;
+the latest values themselves follow in a background refresh (`pg_latest`). Connection failures are
 translated into `StorageUnavailable` here, at the edge; the pool replaces broken
 connections by itself once the server answers again.
 """
@@ -21,10 +22,10 @@ import asyncpg
 
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
-from iiot.storage import _common
+from iiot.storage import _common, pg_latest
 from iiot.storage.base import Page, Scope, TelemetryQuery
 
-__all__ = ["PostgresStore"]
+__all__ = ["PG_CURRENT_LATEST", "PostgresStore", "lock_out_writers"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,42 +80,17 @@ WHERE (t.num_value, t.int_value, t.bool_value, t.str_value)
       IS DISTINCT FROM (EXCLUDED.num_value, EXCLUDED.int_value, EXCLUDED.bool_value,
                         EXCLUDED.str_value)
 """
-# The newest point per (device, key) of the batch, computed in Python, sent as arrays.
-# First a plain UPDATE of the rows that exist: ON CONFLICT DO UPDATE would also write a
-# row lock (and its WAL record) for every row, which made it twice as slow. A late (older)
-# point never replaces a newer latest value; the same ts replaces it.
-# Taken shared by every telemetry batch and exclusively by device and tenant deletes.
+# Taken shared by every telemetry batch and exclusively by whatever deletes devices.
 _DEVICES_LOCK = 0x1107_DE71
-# With many series the planner hashes the whole telemetry_latest table for every batch
-# (measured: 31 ms per 3,000-row batch at 100,000 series, growing with the table); index
-# probes per updated row cost 12 ms and do not grow. SET LOCAL ends with the transaction.
-_LATEST_PLAN = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
-_WRITE_TRANSACTION_SETUP = f"SELECT pg_advisory_xact_lock_shared({_DEVICES_LOCK}); {_LATEST_PLAN}"
-_UPDATE_LATEST = f"""
-UPDATE telemetry_latest AS l
-SET ts = u.ts, num_value = u.num_value, int_value = u.int_value,
-    bool_value = u.bool_value, str_value = u.str_value
-FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::double precision[],
-            $5::bigint[], $6::boolean[], $7::text[])
-     AS u(device_id, key, ts, {_VALUE_COLS})
-WHERE l.device_id = u.device_id AND l.key = u.key AND u.ts >= l.ts
-"""
-# When some rows were not updated (a new key, or a late point): the full upsert, which
-# inserts new keys and leaves the others alone. Sorted, so that concurrent batches take
-# row locks in the same order.
-_MERGE_LATEST = f"""
-INSERT INTO telemetry_latest AS l (device_id, key, ts, {_VALUE_COLS})
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::double precision[],
-                     $5::bigint[], $6::boolean[], $7::text[])
-ORDER BY 1, 2
-ON CONFLICT (device_id, key) DO UPDATE
-SET ts = EXCLUDED.ts, num_value = EXCLUDED.num_value, int_value = EXCLUDED.int_value,
-    bool_value = EXCLUDED.bool_value, str_value = EXCLUDED.str_value
-WHERE EXCLUDED.ts > l.ts OR (EXCLUDED.ts = l.ts AND
-      (l.num_value, l.int_value, l.bool_value, l.str_value)
-      IS DISTINCT FROM (EXCLUDED.num_value, EXCLUDED.int_value, EXCLUDED.bool_value,
-                        EXCLUDED.str_value))
-"""
+# The lock, then the count of device deletions so far (migration 0003). In this order in
+# one statement (CASE evaluates its condition first): a deletion bumps the count while it
+# holds the lock exclusively, so a count read under the shared lock is current until the
+# transaction ends.
+_LOCK_AND_DELETIONS = (
+    "SELECT CASE WHEN pg_advisory_xact_lock_shared($1) IS NULL THEN NULL"
+    " ELSE coalesce(pg_sequence_last_value('device_deletions'), 0) END"
+)
+
 _AGG_SQL = {
     "avg": "avg(num)",
     "min": "min(num)",
@@ -122,6 +98,38 @@ _AGG_SQL = {
     "sum": "sum(num)",
     "count": "count(*)",
 }
+# The latest values of a device: no row means the device is not visible, one row of NULLs
+# a device without data. telemetry_latest may lag behind the stored points by one refresh
+# (pg_latest), so each key's row is checked against the newest point at or after it: one
+# index probe, which finds the row's own point when the row is current.
+_LATEST_SQL = f"""
+SELECT l.key, l.ts, l.num_value, l.int_value, l.bool_value, l.str_value,
+       n.ts, n.num_value, n.int_value, n.bool_value, n.str_value
+FROM devices d
+LEFT JOIN telemetry_latest l ON l.device_id = d.id AND ($3::text[] IS NULL OR l.key = ANY($3))
+LEFT JOIN LATERAL (
+    SELECT t.ts, {_VALUE_COLS} FROM telemetry t
+    WHERE t.device_id = l.device_id AND t.key = l.key AND t.ts >= l.ts
+    ORDER BY t.ts DESC LIMIT 1
+) AS n ON true
+WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2)
+ORDER BY l.key
+"""
+# Every row of telemetry_latest as readers see it (the same check as _LATEST_SQL), for
+# backups.
+PG_CURRENT_LATEST = f"""
+SELECT l.device_id, l.key, coalesce(n.ts, l.ts),
+       CASE WHEN n.ts IS NULL THEN l.num_value ELSE n.num_value END,
+       CASE WHEN n.ts IS NULL THEN l.int_value ELSE n.int_value END,
+       CASE WHEN n.ts IS NULL THEN l.bool_value ELSE n.bool_value END,
+       CASE WHEN n.ts IS NULL THEN l.str_value ELSE n.str_value END
+FROM telemetry_latest l
+LEFT JOIN LATERAL (
+    SELECT t.ts, {_VALUE_COLS} FROM telemetry t
+    WHERE t.device_id = l.device_id AND t.key = l.key AND t.ts >= l.ts
+    ORDER BY t.ts DESC LIMIT 1
+) AS n ON true
+"""
 _TENANT_COLS = "id, name, created_at, retention_days"
 _USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
 _DEVICE_COLS = "id, tenant_id, name, status, created_at"
@@ -200,6 +208,13 @@ async def _reset_connection(conn: Any) -> None:
     """
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
+
+
+async def lock_out_writers(conn: Any) -> None:
+    """In a transaction about to delete devices: wait for batches in flight, hold off
+    later ones until commit, and make every writer check its devices again."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _DEVICES_LOCK)
+    await conn.execute("SELECT nextval('device_deletions')")
 
 
 def _describe(url: str) -> str:
@@ -282,6 +297,10 @@ class PostgresStore:
         self._max_size = max_size
         self._connect_timeout = connect_timeout
         self._pool: Any = None
+        self._latest = pg_latest.LatestRefresher(self._run)
+        # Devices known to exist, valid while the count of deletions stays the same.
+        self._alive: set[UUID] = set()
+        self._deletions_seen: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -308,6 +327,9 @@ class PostgresStore:
         except BaseException:
             await self._close()
             raise
+        self._alive.clear()
+        self._deletions_seen = None
+        self._latest.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -315,6 +337,8 @@ class PostgresStore:
         await self._close()
 
     async def _close(self) -> None:
+        if self._pool is not None:
+            await self._latest.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -479,7 +503,7 @@ class PostgresStore:
             async with conn.transaction():
                 # As in delete_device: in-flight batches finish first, and none can add
                 # rows to a device being deleted.
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _DEVICES_LOCK)
+                await lock_out_writers(conn)
                 ids = [
                     r["id"]
                     for r in await conn.fetch(
@@ -751,7 +775,7 @@ class PostgresStore:
             async with conn.transaction():
                 # Waits for batches in flight; later batches then find the device gone
                 # and skip its points, so the telemetry deleted next cannot gain new rows.
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _DEVICES_LOCK)
+                await lock_out_writers(conn)
                 status = await conn.execute(
                     "DELETE FROM devices WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
                     device_id,
@@ -765,7 +789,7 @@ class PostgresStore:
 
     # --- telemetry ---------------------------------------------------------------------
     async def write_points(self, batch: Sequence[DevicePoints]) -> None:
-        """Store points in one transaction and update latest values.
+        """Store points in one transaction; latest values follow (see `pg_latest`).
 
         Idempotent: a (device, key, ts) already stored keeps one row (the newer value wins).
         Points of devices deleted meanwhile are skipped (logged), so that the rest of the
@@ -777,45 +801,55 @@ class PostgresStore:
         if not rows.rows:
             return
 
-        async def op(conn: Any) -> None:
+        async def op(conn: Any) -> tuple[_common.BatchRows, list[_common.Row]]:
             # Almost every batch holds only new points, and a COPY straight into the table
             # is the fastest way in. A batch that repeats stored points (a retry, a device
             # resending) makes that COPY fail on the primary key; the transaction is then
             # run again the general way: COPY into the staging table, INSERT ... ON
             # CONFLICT. (A savepoint instead would stamp every row with a subtransaction.)
             try:
-                await self._write_transaction(conn, rows, merge=False)
+                return await self._write_transaction(conn, rows, merge=False)
             except (asyncpg.UniqueViolationError, asyncpg.exceptions.DeadlockDetectedError):
-                await self._write_transaction(conn, rows, merge=True)
+                return await self._write_transaction(conn, rows, merge=True)
 
         # Idempotent by design, so a broken idle connection is retried at once.
-        await self._run(op)
+        written, new_series = await self._run(op)
+        self._latest.committed(written.newest, new_series)
 
-    @staticmethod
-    async def _write_transaction(conn: Any, rows: _common.BatchRows, *, merge: bool) -> None:
-        """One transaction storing the rows of live devices and their latest values."""
+    async def _write_transaction(
+        self, conn: Any, rows: _common.BatchRows, *, merge: bool
+    ) -> tuple[_common.BatchRows, list[_common.Row]]:
+        """One transaction storing the rows of live devices and the rows of new series.
+
+        Returns the rows written and the new series' rows (inserted into telemetry_latest).
+        """
         async with conn.transaction():
-            # No foreign key per row: batches share one advisory lock that device and
-            # tenant deletes take exclusively, so a delete waits for batches in flight and
-            # later batches find the device gone (locking each device row instead cost a
-            # write to every device row of every batch). Join settings: see _LATEST_PLAN.
-            await conn.execute(_WRITE_TRANSACTION_SETUP)
-            alive = {
-                r["id"]
-                for r in await conn.fetch(
-                    "SELECT id FROM devices WHERE id = ANY($1::uuid[])", rows.device_ids
+            # No foreign key per row: batches share one advisory lock that device deletes
+            # take exclusively, so a delete waits for batches in flight and later batches
+            # find the device gone. Devices seen alive since the last deletion anywhere
+            # need no check (a deletion bumps the count read here).
+            deletions = await conn.fetchval(_LOCK_AND_DELETIONS, _DEVICES_LOCK)
+            if deletions != self._deletions_seen:
+                self._alive.clear()
+                self._latest.forget_series()
+                self._deletions_seen = deletions
+            alive = self._alive
+            unchecked = [d for d in rows.device_ids if d not in alive]
+            if unchecked:
+                found = await conn.fetch(
+                    "SELECT id FROM devices WHERE id = ANY($1::uuid[])", unchecked
                 )
-            }
-            if len(alive) != len(rows.device_ids):
-                kept = rows.without(alive)
-                log.warning(
-                    "skipped %d points of %d deleted device(s)",
-                    len(rows.rows) - len(kept.rows),
-                    len(rows.device_ids) - len(alive),
-                )
-                rows = kept
-                if not rows.rows:
-                    return
+                alive.update(r["id"] for r in found)
+                if len(found) != len(unchecked):
+                    kept = rows.without(alive)
+                    log.warning(
+                        "skipped %d points of %d deleted device(s)",
+                        len(rows.rows) - len(kept.rows),
+                        len(unchecked) - len(found),
+                    )
+                    rows = kept
+                    if not rows.rows:
+                        return rows, []
             if merge:
                 await conn.copy_records_to_table(
                     "telemetry_stage",
@@ -827,10 +861,10 @@ class PostgresStore:
                 await conn.copy_records_to_table(
                     "telemetry", records=rows.rows, columns=_STAGE_COLUMNS
                 )
-            columns = [list(c) for c in zip(*rows.newest, strict=True)]
-            status = await conn.execute(_UPDATE_LATEST, *columns)
-            if status != f"UPDATE {len(rows.newest)}":
-                await conn.execute(_MERGE_LATEST, *columns)
+            new_series = self._latest.new_series(rows.newest)
+            if new_series:
+                await conn.execute(pg_latest.MERGE_LATEST, *pg_latest.as_columns(new_series))
+            return rows, new_series
 
     async def query_telemetry(
         self, scope: Scope, device_id: UUID, query: TelemetryQuery
@@ -886,23 +920,19 @@ class PostgresStore:
         async def op(conn: Any) -> dict[str, Point]:
             # The scope check and the read in one statement: no row means no visible device,
             # one row of NULLs a device without data.
-            rows = await conn.fetch(
-                "SELECT l.key, l.ts, l.num_value, l.int_value, l.bool_value, l.str_value"
-                " FROM devices d LEFT JOIN telemetry_latest l ON l.device_id = d.id"
-                " AND ($3::text[] IS NULL OR l.key = ANY($3::text[]))"
-                " WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2) ORDER BY l.key",
-                device_id,
-                scope,
-                None if keys is None else list(keys),
-            )
+            rows = await conn.fetch(_LATEST_SQL, device_id, scope, keys_filter)
             if not rows:
                 raise NotFound(f"device {device_id} not found")
-            return {
-                key: Point(key, ts, _scalar(num, integer, boolean, text))
-                for key, ts, num, integer, boolean, text in rows
-                if key is not None
-            }
+            latest: dict[str, Point] = {}
+            for key, ts, num, integer, boolean, text, *stored in rows:
+                if key is None:
+                    continue
+                if stored[0] is not None:  # a stored point at or after the row's ts wins
+                    ts, num, integer, boolean, text = stored
+                latest[key] = Point(key, ts, _scalar(num, integer, boolean, text))
+            return latest
 
+        keys_filter = None if keys is None else list(keys)
         return await self._run(op)
 
     async def delete_telemetry_before(self, tenant_id: UUID, before_ts: int) -> int:

@@ -1,0 +1,3 @@
+-- Nothing to change on SQLite: its single writer checks the devices of each batch itself.
+-- This version only keeps the schema versions of both stores in step (PostgreSQL's 0003
+-- counts device deletions); backups record the version and restore across stores by it.
