@@ -14,6 +14,7 @@ from tests.integration.test_mqtt_support import (
     mosquitto_pub_lines,
     publish_all,
     telemetry_counts,
+    unacked_messages,
     wait_for_health,
     wait_for_rows,
 )
@@ -38,6 +39,8 @@ async def test_10000_paho_messages_stored_exactly_once(tmp_path, pg_url, mosquit
         await asyncio.to_thread(publish_all, port, devices, 1000)
         rows = await wait_for_rows(pg_url, 30_000)
         assert (rows, (await telemetry_counts(pg_url))[1]) == (30_000, 30_000)
+    # Every message was acknowledged: the broker holds none for the platform's session.
+    assert await asyncio.to_thread(unacked_messages, host, port, client_id) == 0
 
 
 async def test_10000_mosquitto_pub_messages_stored_exactly_once(
@@ -54,5 +57,6 @@ async def test_10000_mosquitto_pub_messages_stored_exactly_once(
             assert done.returncode == 0, done.stderr
             rows = await wait_for_rows(pg_url, 30_000)
             assert (rows, (await telemetry_counts(pg_url))[1]) == (30_000, 30_000)
+    assert await asyncio.to_thread(unacked_messages, host, port, client_id) == 0
     # The shared test broker is open: the platform says so at start.
     assert any("anonymous clients publish" in r.getMessage() for r in caplog.records)

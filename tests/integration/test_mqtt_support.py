@@ -240,6 +240,29 @@ def drop_session(host: str, port: int, client_id: str) -> None:
         client.loop_stop()
 
 
+def unacked_messages(host: str, port: int, client_id: str, wait_s: float = 1.5) -> int:
+    """Messages the broker still holds for a stopped platform's session (never acked).
+
+    Resumes the session under the platform's client id and counts what the broker sends.
+    """
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    received: list[int] = []
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+    )
+    client.on_message = lambda c, u, m: received.append(m.mid)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 60
+    client.connect(host, port, clean_start=False, properties=properties)
+    client.loop_start()
+    time.sleep(wait_s)
+    client.disconnect()
+    client.loop_stop()
+    return len(received)
+
+
 def mosquitto_pub_lines(
     port: int, dev: Dev, count: int, username: str | None = None, password: str | None = None
 ) -> subprocess.CompletedProcess[bytes]:

@@ -7,12 +7,11 @@ committed (paho-mqtt's manual acknowledgement). Killed between receipt and commi
 platform gets the message again from the broker on its next connection; writes are
 idempotent, so each point is stored once.
 
-Threads: paho's network loop runs in paho's own thread (`loop_start`), which also
-reconnects with bounded backoff. Received messages are handed to the asyncio loop in
-batches (one wake-up per burst); the acknowledgement is queued back to paho from the loop.
-A message of a cached device is decoded and queued right there and acked from its commit
-callback (no task per message); anything else (uncached device, full queue, retries after a
-storage outage) goes through a task per message.
+The connection is `MqttSession` (asyncio, the `mqtt5` codec), reconnected here with
+bounded backoff. A message of a known device is decoded and queued right where it is read
+and acked from its commit callback (no task per message). Messages of a device not yet in
+the registry's cache wait, in order, for one lookup of that device; anything else (unknown
+devices, full queue, retries after a storage outage) goes through a task per message.
 
 The broker is trusted to authenticate devices and enforce the topic ACL (see
 `iiot.adapters.mosquitto_security` and docs/protocols-mqtt.md); the adapter resolves the
@@ -28,22 +27,19 @@ import contextlib
 import hashlib
 import logging
 import socket
-import threading
+import ssl
 import time
 from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+import mqtt5
 
+from iiot.adapters.mqtt_session import MqttError, MqttSession, Publish
 from iiot.errors import DeviceDisabled, InvalidPayload, NotFound, StorageUnavailable
 from iiot.model import Device
 from iiot.services import Services
-from iiot.supervisor import Backoff
+from iiot.supervisor import Backoff, cancel_and_wait
 
 __all__ = [
     "PROTOCOL",
@@ -69,6 +65,7 @@ RECEIVE_MAXIMUM = 20_000
 _KEEPALIVE_S = 30
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 1, 30
 _PROBE_TIMEOUT_S = 5.0
+_MAX_TOPICS = 200_000  # topics whose device id is remembered
 
 
 def telemetry_topic(device_id: str) -> str:
@@ -166,18 +163,6 @@ def _default_client_id(services: Services) -> str:
     return f"iiot-{group}-{hashlib.sha256(where.encode()).hexdigest()[:12]}"
 
 
-def _new_client(url: _BrokerUrl, client_id: str, manual_ack: bool) -> paho.Client:
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=paho.MQTTv5,
-        manual_ack=manual_ack,
-    )
-    if url.tls:
-        client.tls_set(ca_certs=url.ca_file)
-    return client
-
-
 class MqttAdapter:
     """Subscribes to device telemetry on an external broker; acks after commit."""
 
@@ -194,14 +179,13 @@ class MqttAdapter:
         self.topic = f"$share/{group}/{TELEMETRY_FILTER}" if group else TELEMETRY_FILTER
         self.refusals = RefusalLog(log)
         self.devices = DeviceLookup(services)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: paho.Client | None = None
-        # Written by paho's thread only: the connection number, so that a message received
-        # on an earlier connection is never acked on a later one (the broker resends it).
-        self._generation = 0
-        self._inbox: collections.deque[tuple[paho.MQTTMessage, int]] = collections.deque()
-        self._wakeup_pending = False
+        self._tls = ssl.create_default_context(cafile=self.url.ca_file) if self.url.tls else None
+        self._session: MqttSession | None = None
+        self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._topic_ids: dict[str, UUID] = {}  # telemetry topic -> device id
+        # Messages of devices being looked up, in arrival order.
+        self._parked: dict[UUID, list[tuple[Publish, MqttSession]]] = {}
         self._commits = 0  # fast-path messages awaiting commit
         self._commits_done = asyncio.Event()
         self._closing = False
@@ -210,29 +194,10 @@ class MqttAdapter:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        self._loop = asyncio.get_running_loop()
+        self._closing = False
         self._set_health(False, f"connecting to {self.url}")
-        client = _new_client(self.url, self.client_id, manual_ack=True)
-        if self.url.username is not None:
-            client.username_pw_set(self.url.username, self.url.password)
-        client.reconnect_delay_set(_RECONNECT_MIN_S, _RECONNECT_MAX_S)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        properties.ReceiveMaximum = RECEIVE_MAXIMUM
-        # connect_async: a broker that is down at start is retried by paho's loop.
-        client.connect_async(
-            self.url.host,
-            self.url.port,
-            keepalive=_KEEPALIVE_S,
-            clean_start=False,
-            properties=properties,
-        )
-        client.loop_start()
-        self._client = client
+        # A broker that is down at start is retried, with backoff, by the session loop.
+        self._runner = asyncio.create_task(self._keep_connected(), name="mqtt-session")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -247,10 +212,10 @@ class MqttAdapter:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        client, self._client = self._client, None
-        if client is not None:
-            client.disconnect()
-            await asyncio.to_thread(client.loop_stop)
+        await cancel_and_wait(self._runner)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.disconnect()
         self.services.health.set(self.name, "down", "stopped")
         self.services.metrics.component_up.labels(self.name).set(0)
         self.services.metrics.connections.labels(PROTOCOL).set(0)
@@ -259,62 +224,54 @@ class MqttAdapter:
         """One line for the start-up log."""
         return f"MQTT external broker {self.url} (client id {self.client_id}, topic {self.topic})"
 
-    # --- paho callbacks (paho's thread) ------------------------------------------------
-    def _on_connect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: paho.ConnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            self._call(self._went_down, f"broker refused the connection: {reason}")
-            return
-        self._generation += 1
-        # Subscribing again is harmless when the session was resumed, and needed when not.
-        client.subscribe(self.topic, qos=1)
+    # --- the connection ----------------------------------------------------------------
+    async def _keep_connected(self) -> None:
+        """Connect, subscribe, wait for the connection to end; again, with bounded backoff."""
+        backoff = Backoff(initial_s=_RECONNECT_MIN_S, max_s=_RECONNECT_MAX_S)
+        while True:
+            try:
+                session = await self._open()
+            except (OSError, MqttError) as exc:
+                self._went_down(str(exc) or type(exc).__name__)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self._came_up()
+            reason = await session.closed
+            self._session = None
+            self._went_down(reason)
+            await asyncio.sleep(backoff.next_delay())
 
-    def _on_subscribe(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reasons: list[ReasonCode],
-        properties: Properties | None,
-    ) -> None:
-        if any(reason.is_failure for reason in reasons):
-            self._call(
-                self._went_down,
-                f"broker refused the subscription to {self.topic} ({reasons[0]}): check its ACL",
+    async def _open(self) -> MqttSession:
+        """A connected session with the telemetry subscription in place."""
+        url = self.url
+        connect = mqtt5.ConnectPacket(
+            self.client_id,
+            username=url.username,
+            password=None if url.password is None else url.password.encode(),
+            clean_start=False,  # resume the session: the broker kept our messages
+            keep_alive=_KEEPALIVE_S,
+            session_expiry_interval=SESSION_EXPIRY_S,
+            receive_max=RECEIVE_MAXIMUM,
+        )
+        session, _ = await MqttSession.connect(
+            url.host, url.port, connect, self._received, tls=self._tls
+        )
+        self._session = session
+        try:
+            # Subscribing again is harmless when the session was resumed, and needed when not.
+            granted = await session.subscribe(self.topic, qos=1)
+        except MqttError:
+            session.abort("no subscription")
+            raise
+        if granted.value >= 0x80:
+            session.abort("subscription refused")
+            raise MqttError(
+                f"broker refused the subscription to {self.topic} ({granted.name}): check its ACL"
             )
-        else:
-            self._call(self._came_up)
+        return session
 
-    def _on_disconnect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: paho.DisconnectFlags,
-        reason: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if not self._closing:
-            self._call(self._went_down, f"disconnected: {reason}")
-
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self._inbox.append((message, self._generation))
-        if not self._wakeup_pending:
-            self._wakeup_pending = True
-            self._call(self._drain)
-
-    def _call(self, func: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
-                loop.call_soon_threadsafe(func, *args)
-
-    # --- state (asyncio loop) ----------------------------------------------------------
+    # --- state -------------------------------------------------------------------------
     def _set_health(self, up: bool, detail: str) -> None:
         self.services.health.set(self.name, "up" if up else "down", detail)
         self.services.metrics.component_up.labels(self.name).set(1 if up else 0)
@@ -327,9 +284,7 @@ class MqttAdapter:
             self._down_logged = False
         if not self._probed:
             self._probed = True
-            task = asyncio.create_task(self._probe_anonymous())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(self._probe_anonymous())
 
     def _went_down(self, reason: str) -> None:
         if self._closing:
@@ -344,76 +299,105 @@ class MqttAdapter:
             )
             self._down_logged = True
 
-    def _drain(self) -> None:
-        self._wakeup_pending = False  # before popping: a message appended later wakes us again
-        while self._inbox:
-            message, generation = self._inbox.popleft()
-            if self._closing:
-                continue  # not acked: the broker delivers it again on the next connection
-            if not self._ingest_now(message, generation):
-                self._start(self._handle(message, generation))
-
     def _start(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _ingest_now(self, message: paho.MQTTMessage, generation: int) -> bool:
-        """Fast path: queue a cached device's message, ack on commit; False if not taken."""
-        parts = message.topic.split("/")
+    # --- ingestion ---------------------------------------------------------------------
+    def _received(self, session: MqttSession, message: Publish) -> None:
+        if self._closing:
+            return  # not acked: the broker delivers it again on the next connection
+        device_id = self._topic_ids.get(message.topic) or self._device_id(message.topic)
+        if device_id is None:
+            self._start(self._handle(message, session))
+            return
+        parked = self._parked.get(device_id)
+        if parked is not None:  # its device is being looked up: keep the order
+            parked.append((message, session))
+            return
+        device = self.services.registry.cached(device_id)
+        if device is not None:
+            self._ingest_now(device, message, session)
+            return
+        # One lookup per device, however many of its messages arrive meanwhile (after a
+        # restart the broker delivers the backlog of every device at once).
+        self._parked[device_id] = [(message, session)]
+        self._start(self._look_up(device_id))
+
+    def _device_id(self, topic: str) -> UUID | None:
+        """The device id in a telemetry topic (remembered: parsing a UUID is not free)."""
+        parts = topic.split("/")
         if len(parts) != 3 or parts[0] != "devices" or parts[2] != "telemetry":
-            return False
+            return None
         try:
-            device = self.services.registry.cached(UUID(parts[1]))
+            device_id = UUID(parts[1])
         except ValueError:
-            return False
-        if device is None:
-            return False
-        if message.dup:
+            return None
+        if len(self._topic_ids) >= _MAX_TOPICS:
+            self._topic_ids.clear()
+        self._topic_ids[topic] = device_id
+        return device_id
+
+    async def _look_up(self, device_id: UUID) -> None:
+        """Find a device, then ingest its parked messages (one by one if not found)."""
+        try:
+            device: Device | None = await self.devices.get(device_id)
+        except (NotFound, StorageUnavailable):
+            device = None
+        parked = self._parked.pop(device_id, [])
+        for message, session in parked:
+            if self._closing or session.closed.done():
+                continue  # not acked: the broker sends it again
+            if device is None:
+                self._start(self._handle(message, session))
+            else:
+                self._ingest_now(device, message, session)
+
+    def _ingest_now(self, device: Device, message: Publish, session: MqttSession) -> None:
+        """Fast path: queue a known device's message, ack on commit."""
+        if message.duplicate:
             self.services.metrics.redeliveries.labels(PROTOCOL).inc()
         self._commits += 1
         try:
             self.services.ingestor.ingest_nowait(
                 device,
-                bytes(message.payload),
+                message.payload,
                 PROTOCOL,
-                lambda error: self._committed(error, message, generation),
+                lambda error: self._committed(error, message, session),
             )
         except (InvalidPayload, DeviceDisabled) as exc:
             self._commits -= 1
             self.refusals.note(type(exc).__name__, f"message on {message.topic!r} refused: {exc}")
-            self._ack(message, generation)
-            return True
+            self._ack(message, session)
         except StorageUnavailable:  # shutting down: not acked, the broker redelivers it
             self._commits -= 1
-            return True
-        return True
 
     def _committed(
-        self, error: BaseException | None, message: paho.MQTTMessage, generation: int
+        self, error: BaseException | None, message: Publish, session: MqttSession
     ) -> None:
         self._commits -= 1
         if self._commits == 0 and self._closing:
             self._commits_done.set()
         if error is None:
-            self._ack(message, generation)
+            self._ack(message, session)
         elif isinstance(error, StorageUnavailable):
             self.services.ingestor.refused(PROTOCOL, error, counted=True)
-            if generation == self._generation and not self._closing:
+            if not session.closed.done() and not self._closing:
                 # Not acked: the broker keeps the message; retry here with backoff.
-                self._start(self._handle(message, generation, retried=True))
+                self._start(self._handle(message, session, retried=True))
         else:  # refused for good by the store: not acked, logged like the slow path
             log.error("MQTT message on %r not stored: %s", message.topic, error)
 
-    def _ack(self, message: paho.MQTTMessage, generation: int) -> None:
-        if message.qos > 0 and generation == self._generation and self._client is not None:
-            self._client.ack(message.mid, message.qos)
+    @staticmethod
+    def _ack(message: Publish, session: MqttSession) -> None:
+        # Only on the connection that delivered it: after a reconnect the broker sends
+        # it again, with the same or another packet id.
+        if message.packet_id is not None:  # QoS 1 (QoS 0 has no packet id)
+            session.ack(message.packet_id)
 
-    # --- ingestion ---------------------------------------------------------------------
-    async def _handle(
-        self, message: paho.MQTTMessage, generation: int, retried: bool = False
-    ) -> None:
-        if message.dup and not retried:
+    async def _handle(self, message: Publish, session: MqttSession, retried: bool = False) -> None:
+        if message.duplicate and not retried:
             self.services.metrics.redeliveries.labels(PROTOCOL).inc()
         backoff = Backoff(initial_s=0.5, max_s=5.0)
         if retried:
@@ -423,13 +407,13 @@ class MqttAdapter:
                 await self._ingest(message)
                 break
             except StorageUnavailable:
-                if generation != self._generation or self._closing:
+                if session.closed.done() or self._closing:
                     return  # connection gone: the broker redelivers the message
                 # Not acked: the broker keeps the message; retry here with backoff.
                 await asyncio.sleep(backoff.next_delay())
-        self._ack(message, generation)
+        self._ack(message, session)
 
-    async def _ingest(self, message: paho.MQTTMessage) -> None:
+    async def _ingest(self, message: Publish) -> None:
         """Ingest one message; refusals are counted and logged (and then acked)."""
         services = self.services
         topic = message.topic
@@ -448,14 +432,14 @@ class MqttAdapter:
             self.refusals.note("unknown_device", f"message on {topic!r}: no such device")
             return
         try:
-            await services.ingestor.ingest(device, bytes(message.payload), PROTOCOL)
+            await services.ingestor.ingest(device, message.payload, PROTOCOL)
         except (InvalidPayload, DeviceDisabled) as exc:
             self.refusals.note(type(exc).__name__, f"message on {topic!r} refused: {exc}")
 
     # --- anonymous probe ---------------------------------------------------------------
     async def _probe_anonymous(self) -> None:
         """Warn when the broker accepts telemetry from anonymous clients."""
-        verdict = await asyncio.to_thread(self._anonymous_publish_verdict)
+        verdict = await self._anonymous_publish_verdict()
         if verdict:
             log.warning(
                 "MQTT broker %s %s: anyone can send telemetry as any device. Secure it with "
@@ -465,36 +449,28 @@ class MqttAdapter:
                 verdict,
             )
 
-    def _anonymous_publish_verdict(self) -> str | None:
+    async def _anonymous_publish_verdict(self) -> str | None:
         """What an anonymous client may do: None if it is refused (or it cannot be told)."""
-        client = _new_client(self.url, f"iiot-probe-{time.monotonic_ns() % 10**9}", False)
-        connected, published = threading.Event(), threading.Event()
-        outcome: dict[str, bool] = {}
-
-        def on_connect(c: paho.Client, u: Any, f: Any, reason: ReasonCode, p: Any) -> None:
-            outcome["connected"] = not reason.is_failure
-            connected.set()
-
-        def on_publish(c: paho.Client, u: Any, mid: int, reason: ReasonCode, p: Any) -> None:
-            outcome["published"] = not reason.is_failure
-            published.set()
-
-        client.on_connect = on_connect
-        client.on_publish = on_publish
+        connect = mqtt5.ConnectPacket(
+            f"iiot-probe-{time.monotonic_ns() % 10**9}", clean_start=True, keep_alive=10
+        )
         try:
-            client.connect(self.url.host, self.url.port, keepalive=10)
-        except OSError:
+            session, _ = await MqttSession.connect(
+                self.url.host,
+                self.url.port,
+                connect,
+                lambda session, message: None,
+                tls=self._tls,
+                timeout_s=_PROBE_TIMEOUT_S,
+            )
+        except (OSError, MqttError):
             return None
-        client.loop_start()
         try:
-            if not connected.wait(_PROBE_TIMEOUT_S) or not outcome.get("connected"):
-                return None
-            client.publish(PROBE_TOPIC, b"{}", qos=1)
-            if not published.wait(_PROBE_TIMEOUT_S):
-                return "accepts anonymous clients (whether they may publish is unknown)"
-            if outcome.get("published"):
-                return "lets anonymous clients publish to devices/+/telemetry"
-            return None
+            reason = await session.publish(PROBE_TOPIC, b"{}")
+        except MqttError:
+            return "accepts anonymous clients (whether they may publish is unknown)"
         finally:
-            client.disconnect()
-            client.loop_stop()
+            await session.disconnect()
+        if reason.value < 0x80:
+            return "lets anonymous clients publish to devices/+/telemetry"
+        return None
