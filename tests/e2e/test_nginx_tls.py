@@ -8,8 +8,6 @@ login, tenant and device management, and device telemetry over HTTPS.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -20,16 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from tests.support import (
     ADMIN_PASSWORD,
     free_port,
     platform_env,
     running_platform,
+    self_signed_certificate,
     services_required,
     wait_for_port,
 )
@@ -47,41 +42,6 @@ def _nginx() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
-
-
-def _certificate(folder: Path) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate for localhost / 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "fullchain.pem", folder / "privkey.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 def _render(folder: Path, upstream: int, https: int, http: int, cert: Path, key: Path) -> Path:
@@ -156,7 +116,7 @@ async def test_api_and_device_telemetry_through_nginx_over_https(tmp_path: Path)
     binary = _nginx()
     folder = tmp_path / "nginx"
     folder.mkdir()
-    cert, key = _certificate(folder)
+    cert, key = self_signed_certificate(folder)
     api_port, https_port, http_port = free_port(), free_port(), free_port()
     config = _render(folder, api_port, https_port, http_port, cert, key)
     env = platform_env(tmp_path / "data", IIOT_HTTP_PORT=str(api_port))

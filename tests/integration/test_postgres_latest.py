@@ -3,6 +3,7 @@ remembered between batches. Behaviour both stores share is in the contract suite
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -86,7 +87,8 @@ async def test_a_crash_before_the_refresh_changes_nothing_readers_see(
     async with PostgresStore(pg_url) as store:
         tenant = await store.create_tenant("acme")
         press = await store.create_device(tenant.id, "press-1", "hash-1")
-    subprocess.run(
+    await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-c", CRASH_AFTER_COMMIT, pg_url, str(press.id), str(tenant.id)],
         check=True,
         timeout=60,
