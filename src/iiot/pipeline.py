@@ -148,6 +148,7 @@ class Pipeline:
         self._queued_points = 0  # accepted, not yet committed (queued or being written)
         self._waiting_points = 0  # queued, not yet taken by a writer
         self._in_flight: list[_InFlight] = []
+        self._writing = 0  # batches being written now
         # Entries that waited for queue space carry an older deadline than their place in
         # the queue suggests: the sweeper watches them in a heap of their own.
         self._late: list[tuple[float, int, _Entry]] = []
@@ -375,10 +376,15 @@ class Pipeline:
         """Wait for queued points (and, with a delay, a fuller batch); take one batch."""
         settings = self._settings
         max_points = settings.max_batch_points
-        while not self._entries:
-            if self._closing:
+        # While another batch is being written, wait for a full one: extra writers are for
+        # a queue that outgrows one batch at a time. Taking every few messages at once
+        # instead made many tiny transactions, each with its round trips and commit.
+        while not self._entries or (
+            self._writing and self._waiting_points < max_points and not self._closing
+        ):
+            if self._closing and not self._entries:
                 return []
-            self._wake_at = 1
+            self._wake_at = max_points if self._writing else 1
             self._work.clear()
             await self._work.wait()
         if settings.max_delay_s > 0:
@@ -390,7 +396,7 @@ class Pipeline:
                 self._work.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), remaining)
-        self._wake_at = 1 << 62  # writing: producers need not wake anybody
+        self._wake_at = max_points  # writing: wake another writer for a full batch only
         batch: list[_Entry] = []
         points = 0
         entries = self._entries
@@ -422,9 +428,15 @@ class Pipeline:
             flight = _InFlight(batch, points, min(entry.deadline for entry in batch))
             self._in_flight.append(flight)
             self._metrics.queue_points.set(self._queued_points)
-            flight.error = await self._commit(batch, points)
+            self._writing += 1
+            try:
+                flight.error = await self._commit(batch, points)
+            finally:
+                self._writing -= 1
             flight.done = True
             self._release_written()
+            if self._entries and not self._work.is_set():
+                self._work.set()  # a writer waiting for a full batch may take what is queued
 
     def _release_written(self) -> None:
         """Tell senders of written batches, oldest batch first.

@@ -54,16 +54,10 @@ class DeviceRegistry:
     # --- resolution (hot path) ---------------------------------------------------------
     async def authenticate(self, token: str) -> Device:
         """The device owning this token; `AuthenticationError` if none does."""
+        device = self.cached_token(token)
+        if device is not None:
+            return device
         token_hash = hash_token(token)
-        now = time.monotonic()
-        cached = self._by_token.get(token_hash)
-        if cached is not None:
-            expires, device = cached
-            if expires > now:
-                return device
-            if expires + self._ttl > now:
-                self._refresh_later(token_hash, device.id)
-                return device
         async with self._lookups:
             found = await self._store.find_device_by_token_hash(token_hash)
         if found is None:
@@ -77,6 +71,21 @@ class DeviceRegistry:
         if str(device.id) != device_id:
             raise AuthenticationError("device id and token do not match")
         return device
+
+    def cached_token(self, token: str) -> Device | None:
+        """The device owning this token if it is cached (as `cached`); None otherwise."""
+        token_hash = hash_token(token)
+        cached = self._by_token.get(token_hash)
+        if cached is None:
+            return None
+        expires, device = cached
+        now = time.monotonic()
+        if expires > now:
+            return device
+        if expires + self._ttl > now:
+            self._refresh_later(token_hash, device.id)
+            return device
+        return None
 
     def cached(self, device_id: UUID) -> Device | None:
         """The device if it is cached (fresh, or just expired: then it is read again)."""

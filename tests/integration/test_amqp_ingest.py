@@ -124,6 +124,48 @@ async def test_refused_messages_go_to_rejected_queue_with_reason_and_nothing_is_
     assert ready == 0
 
 
+async def test_a_known_devices_bad_message_is_refused_once_and_its_good_ones_stored(
+    tmp_path: Path, pg_url: str, clean_broker: str
+) -> None:
+    """The fast path (a cached token) refuses like the slow one, counting each message once."""
+    (device,) = await make_devices(pg_url, 1)
+    async with running_platform(_env(tmp_path, pg_url, clean_broker)) as platform:
+        metrics = platform.services.metrics
+        connection = await aio_pika.connect(clean_broker, timeout=10)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(EXCHANGE)
+
+            async def send(case: str, body: bytes) -> None:
+                message = aio_pika.Message(
+                    body,
+                    headers={"case": case, "token": device.token},
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                )
+                await exchange.publish(message, f"telemetry.{device.id}")
+
+            await send("first", json.dumps({"ts": 1, "values": {"t": 1}}).encode())
+            for _ in range(100):  # the first one caches the token
+                if await count_points(pg_url) == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert platform.services.registry.cached_token(device.token) is not None
+            await send("bad", b'{"t": ')
+            await send("second", json.dumps({"ts": 2, "values": {"t": 2}}).encode())
+            rejected = await get_rejected(clean_broker, 1)
+        for _ in range(100):
+            if await count_points(pg_url) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert metrics.messages_refused.labels("amqp", "invalid_payload")._value.get() == 1
+        assert metrics.messages_received.labels("amqp")._value.get() == 3
+    assert [m.headers["case"] for m in rejected] == ["bad"]
+    assert rejected[0].headers["x-reject-reason"] == "invalid_payload"
+    assert await count_points(pg_url) == 2
+    ready, _ = await queue_state(clean_broker)
+    assert ready == 0
+
+
 async def test_commands_are_published_to_the_device_routing_key(
     tmp_path: Path, pg_url: str, clean_broker: str
 ) -> None:

@@ -3,9 +3,12 @@
 Devices (or gateways) publish telemetry to the durable topic exchange `iiot` with routing key
 `telemetry.{device_id}` and a `token` header. The platform consumes the durable queue
 `telemetry`, many deliveries at once (prefetch window), and acknowledges each message only
-after its points are committed. Refused messages are republished (persistent, confirmed) to
-the queue `telemetry.rejected` with `x-reject-reason` / `x-reject-message` headers, then
-acknowledged. Commands go to `iiot` with routing key `commands.{device_id}`.
+after its points are committed. A message whose token is in the device cache is queued
+for commit right where it is delivered and settled from the commit callback (no task of
+its own); anything else (uncached token, refusals, storage outages) takes a task. Refused
+messages are republished (persistent, confirmed) to the queue `telemetry.rejected` with
+`x-reject-reason` / `x-reject-message` headers, then acknowledged. Commands go to `iiot`
+with routing key `commands.{device_id}`.
 
 Reconnection is explicit: every session (connection, channels, topology, consumer) is built
 from scratch under `supervise()`, instead of relying on aio-pika's robust reconnection,
@@ -19,7 +22,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -31,9 +34,9 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.abc import DeliveredMessage
 
 from iiot.errors import AuthenticationError, IIoTError, StorageUnavailable
 from iiot.ingest import refusal_reason
@@ -87,6 +90,7 @@ class _Session:
     exchange: AbstractExchange  # `iiot`, on the confirming publish channel
     direct: AbstractExchange  # the default exchange, on the confirming publish channel
     queue: AbstractQueue
+    channel: aiormq.abc.AbstractChannel  # the consuming channel, below aio-pika
     settler: _Settler
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     consumer_tag: str | None = None
@@ -105,6 +109,7 @@ class _Settler:
         self._order: deque[int] = deque()
         self._outcome: dict[int, bool | None] = {}  # tag -> None (running), True ack, False nack
         self._flushing = False
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def begin(self, tag: int) -> None:
         """Record a delivery (in delivery order)."""
@@ -124,21 +129,42 @@ class _Settler:
             return
         self._flushing = True
         try:
-            while self._order and self._outcome[self._order[0]] is not None:
-                last_ack: int | None = None
-                while self._order and self._outcome[self._order[0]] is not None:
-                    head = self._order.popleft()
-                    if self._outcome.pop(head):
-                        last_ack = head
-                        continue
-                    if last_ack is not None:
-                        await self._send(self._channel.basic_ack(last_ack, multiple=True))
-                        last_ack = None
-                    await self._send(self._channel.basic_nack(head, multiple=False, requeue=True))
-                if last_ack is not None:
-                    await self._send(self._channel.basic_ack(last_ack, multiple=True))
+            await self._flush()
         finally:
             self._flushing = False
+
+    def settle_soon(self, tag: int, ack: bool) -> None:
+        """`settle` without waiting (from a commit callback): a task sends the frames."""
+        self._outcome[tag] = ack
+        if self._flushing:
+            return
+        self._flushing = True
+        task = asyncio.ensure_future(self._flush_in_background())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush_in_background(self) -> None:
+        try:
+            await self._flush()
+        except BrokerUnavailable as exc:
+            log.debug("could not settle AMQP deliveries (the broker redelivers them): %s", exc)
+        finally:
+            self._flushing = False
+
+    async def _flush(self) -> None:
+        while self._order and self._outcome[self._order[0]] is not None:
+            last_ack: int | None = None
+            while self._order and self._outcome[self._order[0]] is not None:
+                head = self._order.popleft()
+                if self._outcome.pop(head):
+                    last_ack = head
+                    continue
+                if last_ack is not None:
+                    await self._send(self._channel.basic_ack(last_ack, multiple=True))
+                    last_ack = None
+                await self._send(self._channel.basic_nack(head, multiple=False, requeue=True))
+            if last_ack is not None:
+                await self._send(self._channel.basic_ack(last_ack, multiple=True))
 
     @staticmethod
     async def _send(frame: Awaitable[None]) -> None:
@@ -168,6 +194,11 @@ def _header_text(value: Any) -> str | None:
     return None
 
 
+def _redelivered(message: DeliveredMessage) -> bool:
+    delivery = message.delivery
+    return isinstance(delivery, aiormq.spec.Basic.Deliver) and bool(delivery.redelivered)
+
+
 def _device_id_of(routing_key: str | None) -> str:
     """The device id in `telemetry.{device_id}`, normalised; '' when there is none."""
     if not routing_key or not routing_key.startswith(TELEMETRY_PREFIX):
@@ -194,6 +225,8 @@ class AmqpAdapter:
         self._session: _Session | None = None
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._fast = 0  # deliveries queued for commit without a task of their own
+        self._fast_idle = asyncio.Event()
         self._up = asyncio.Event()
         self.sessions = 0  # sessions opened so far (1 + reconnections)
         # Shared by every message that met a storage outage: redeliveries slow down
@@ -238,7 +271,13 @@ class AmqpAdapter:
             # Stop new deliveries first; what was prefetched but not started is requeued
             # by the broker when the connection closes.
             with contextlib.suppress(*_AMQP_ERRORS):
-                await asyncio.wait_for(session.queue.cancel(session.consumer_tag), 5.0)
+                await asyncio.wait_for(session.channel.basic_cancel(session.consumer_tag), 5.0)
+        if self._fast:
+            # Let messages queued for commit be committed and acknowledged.
+            self._fast_idle.clear()
+            with contextlib.suppress(TimeoutError):
+                timeout = self._services.settings.commit_timeout_s + 5.0
+                await asyncio.wait_for(self._fast_idle.wait(), timeout)
         if self._inflight:
             # Let messages being ingested commit and be acknowledged.
             timeout = self._services.settings.commit_timeout_s + 5.0
@@ -273,9 +312,12 @@ class AmqpAdapter:
             session = await self._open_session(connection)
             self.sessions += 1
             self._session = session
-            session.consumer_tag = await session.queue.consume(
-                lambda message: self._on_message(session, message)
+            # aiormq's consumer directly: aio-pika's message wrapper cost a third of the
+            # consumer's CPU (bare drain here: 14,000 msg/s through aio-pika, 20,000 without).
+            consume = await session.channel.basic_consume(
+                QUEUE, lambda message: self._on_delivery(session, message), no_ack=False
             )
+            session.consumer_tag = consume.consumer_tag
             connected()
             await session.lost.wait()
             raise BrokerUnavailable("AMQP connection or channel lost")
@@ -312,36 +354,109 @@ class AmqpAdapter:
             exchange=exchange,
             direct=publish_channel.default_exchange,
             queue=queue,
+            channel=underlay,
             settler=_Settler(underlay),
             lost=lost,
         )
 
     # --- messages ----------------------------------------------------------------------
-    async def _on_message(self, session: _Session, message: AbstractIncomingMessage) -> None:
-        """Called per delivery: handle it in its own task so that many run at once."""
+    async def _on_delivery(self, session: _Session, message: DeliveredMessage) -> None:
+        """Called per delivery (in aiormq's task): a known device's message is queued for
+        commit right here and settled from the commit callback; anything else is handled
+        in a task of its own."""
         tag = message.delivery_tag
         if tag is None:  # only basic.get answers lack a tag; we never send basic.get
             return
         session.settler.begin(tag)
-        task = asyncio.create_task(self._handle(session, message, tag))
+        if not self._ingest_now(session, message, tag):
+            self._in_task(self._handle(session, message, tag))
+
+    def _in_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _handle(self, session: _Session, message: AbstractIncomingMessage, tag: int) -> None:
+    def _ingest_now(self, session: _Session, message: DeliveredMessage, tag: int) -> bool:
+        """Fast path: a cached token of the routing key's device; False to take the task."""
+        properties = message.header.properties
+        token = _header_text((properties.headers or {}).get(TOKEN_HEADER))
+        if not token:
+            return False
+        device = self._services.registry.cached_token(token)
+        # The routing key as devices normally write it; any other spelling (upper case, no
+        # hyphens) or a mismatch is judged by the slow path.
+        if device is None or message.routing_key != f"{TELEMETRY_PREFIX}{device.id}":
+            return False
+        if _redelivered(message):
+            self._services.metrics.redeliveries.labels(PROTOCOL).inc()
+        try:
+            self._services.ingestor.ingest_nowait(
+                device,
+                message.body,
+                PROTOCOL,
+                lambda error: self._committed(session, message, tag, error),
+            )
+        except StorageUnavailable:  # shutting down: give it back to the broker
+            session.settler.settle_soon(tag, False)
+            return True
+        except IIoTError as exc:  # counted already; refuse it in a task
+            self._in_task(self._refuse_and_settle(session, message, tag, exc))
+            return True
+        self._fast += 1
+        return True
+
+    def _committed(
+        self, session: _Session, message: DeliveredMessage, tag: int, error: BaseException | None
+    ) -> None:
+        self._fast -= 1
+        if self._fast == 0:
+            self._fast_idle.set()
+        if error is None:
+            session.settler.settle_soon(tag, True)
+            self._storage_backoff.reset()
+        elif isinstance(error, StorageUnavailable):
+            self._services.ingestor.refused(PROTOCOL, error, counted=True)
+            self._in_task(self._give_back_later(session, tag, error))
+        else:  # refused for good by the store (an IIoTError) or a bug
+            refused = error if isinstance(error, Exception) else Exception(repr(error))
+            self._in_task(self._refuse_and_settle(session, message, tag, refused))
+
+    async def _give_back_later(self, session: _Session, tag: int, exc: Exception) -> None:
+        # As in `_process`: keep the message a while, then give it back to the broker.
+        log.debug("storage unavailable, requeueing message: %s", exc)
+        try:
+            await asyncio.sleep(self._storage_backoff.next_delay())
+        finally:
+            await self._settle(session, tag, False)
+
+    async def _refuse_and_settle(
+        self, session: _Session, message: DeliveredMessage, tag: int, exc: Exception
+    ) -> None:
+        ack = False
+        try:
+            ack = await self._refuse(session, message, exc)
+        finally:
+            await self._settle(session, tag, ack)
+
+    @staticmethod
+    async def _settle(session: _Session, tag: int, ack: bool) -> None:
+        try:
+            await session.settler.settle(tag, ack)
+        except BrokerUnavailable as exc:
+            log.debug("could not settle an AMQP delivery (broker redelivers it): %s", exc)
+
+    async def _handle(self, session: _Session, message: DeliveredMessage, tag: int) -> None:
         ack = False  # cancelled or crashed: give it back to the broker
         try:
             ack = await self._process(session, message)
         finally:
             # Whatever happened (even cancellation at shutdown), settle: a delivery left
             # unsettled would hold back every later acknowledgement of the channel.
-            try:
-                await session.settler.settle(tag, ack)
-            except BrokerUnavailable as exc:
-                log.debug("could not settle an AMQP delivery (broker redelivers it): %s", exc)
+            await self._settle(session, tag, ack)
 
-    async def _process(self, session: _Session, message: AbstractIncomingMessage) -> bool:
+    async def _process(self, session: _Session, message: DeliveredMessage) -> bool:
         """Ingest one message; True to acknowledge it, False to give it back to the broker."""
-        if message.redelivered:
+        if _redelivered(message):
             self._services.metrics.redeliveries.labels(PROTOCOL).inc()
         try:
             await self._ingest(message)
@@ -359,10 +474,10 @@ class AmqpAdapter:
         self._storage_backoff.reset()
         return True
 
-    async def _ingest(self, message: AbstractIncomingMessage) -> int:
+    async def _ingest(self, message: DeliveredMessage) -> int:
         """Authenticate (token must be the routing key's device's), decode, commit."""
         ingestor = self._services.ingestor
-        token = _header_text((message.headers or {}).get(TOKEN_HEADER))
+        token = _header_text((message.header.properties.headers or {}).get(TOKEN_HEADER))
         device_id = _device_id_of(message.routing_key)
         try:
             if not token:
@@ -377,15 +492,14 @@ class AmqpAdapter:
             raise
         return await ingestor.ingest(device, message.body, PROTOCOL)
 
-    async def _refuse(
-        self, session: _Session, message: AbstractIncomingMessage, exc: Exception
-    ) -> bool:
+    async def _refuse(self, session: _Session, message: DeliveredMessage, exc: Exception) -> bool:
         """Republish to `telemetry.rejected` with the reason; True once the broker has it."""
         reason = refusal_reason(exc)
+        properties = message.header.properties
         headers = {
             # The token is a credential: never copy it into a queue operators read.
             key: value
-            for key, value in (message.headers or {}).items()
+            for key, value in (properties.headers or {}).items()
             if key != TOKEN_HEADER
         }
         headers[REASON_HEADER] = reason
@@ -395,11 +509,11 @@ class AmqpAdapter:
         rejected = aio_pika.Message(
             message.body,
             headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
+            content_type=properties.content_type,
+            content_encoding=properties.content_encoding,
+            message_id=properties.message_id,
+            correlation_id=properties.correlation_id,
+            timestamp=properties.timestamp,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         try:
