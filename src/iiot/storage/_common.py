@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from uuid import UUID
@@ -97,8 +97,16 @@ class BatchRows:
         )
 
 
-def batch_rows(batch: Sequence[DevicePoints]) -> BatchRows:
+_NO_KEYS: frozenset[str] = frozenset()
+
+
+def batch_rows(
+    batch: Sequence[DevicePoints], known: Mapping[UUID, Container[str]] | None = None
+) -> BatchRows:
     """Telemetry rows of a batch, its devices and its newest point per key, in one pass.
+
+    With `known` (device -> keys), `newest` holds only the series not in it: a store that
+    keeps latest values another way only needs to register new series.
 
     This loop runs for every point ingested, so it is written for speed: the value types
     inline, and newest points looked up by key within each device.
@@ -115,6 +123,7 @@ def batch_rows(batch: Sequence[DevicePoints]) -> BatchRows:
         if newest is None:
             newest = newest_by_device[device_id] = {}
         seen_row = newest.get
+        skip = _NO_KEYS if known is None else known.get(device_id, _NO_KEYS)
         for point in item.points:
             value, key, ts = point.value, point.key, point.ts
             row: Row
@@ -129,6 +138,8 @@ def batch_rows(batch: Sequence[DevicePoints]) -> BatchRows:
             else:
                 row = (device_id, key, ts, *value_columns(value))
             append(row)
+            if key in skip:
+                continue
             seen = seen_row(key)
             if seen is None or ts >= seen[2]:
                 newest[key] = row

@@ -2,10 +2,11 @@
 
 Updating `telemetry_latest` in every telemetry transaction cost as much as the COPY of
 the points themselves (3,000 row updates per 5,000-point batch from 1,000 devices). So
-the write transaction only inserts the rows of series it has not seen yet, and the
-newest value of each series is written later by one background task that merges every
-batch committed in the meantime (under load, one refresh per second however many
-batches arrived).
+the write transaction only inserts the rows of series it has not seen yet, and one
+background task brings the rows of every device written since its last run up to date
+from the stored points themselves (under load, one refresh per second however many
+batches arrived). The write path keeps no per-point bookkeeping for it: only the
+devices of each batch.
 
 Readers never see a stale value: `PostgresStore.latest` takes, per key, the newer of the
 `telemetry_latest` row and the newest stored point at or after it (one index probe). So
@@ -33,21 +34,30 @@ log = logging.getLogger(__name__)
 _VALUE_COLS = "num_value, int_value, bool_value, str_value"
 # With many series the planner hashes the whole telemetry_latest table for every update
 # (measured: 31 ms per 3,000 rows at 100,000 series, growing with the table); index
-# probes per updated row do not grow. SET LOCAL ends with the transaction.
+# probes per row do not grow. SET LOCAL ends with the transaction.
 _PLAN = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
-# The newest point per (device, key), sent as arrays. A plain UPDATE: the rows exist
-# (their series were inserted with the points), and ON CONFLICT DO UPDATE would also
-# write a row lock for every row. An older point never replaces a newer value; the same
-# ts replaces it (a rewrite of that point). Series of devices deleted meanwhile have no
-# row and are left alone.
-_UPDATE_LATEST = f"""
+# Every row of the given devices brought up to date from the stored points: per row one
+# backward probe of the telemetry key for the newest point at or after the row's ts (the
+# row's own point when it is current). Only rows that change are written. Rows of devices
+# deleted meanwhile are gone and so left alone.
+_REFRESH_LATEST = f"""
+WITH newest AS (
+    SELECT l.device_id, l.key, n.ts, n.num_value, n.int_value, n.bool_value, n.str_value
+    FROM telemetry_latest l
+    CROSS JOIN LATERAL (
+        SELECT t.ts, {_VALUE_COLS} FROM telemetry t
+        WHERE t.device_id = l.device_id AND t.key = l.key AND t.ts >= l.ts
+        ORDER BY t.ts DESC LIMIT 1
+    ) AS n
+    WHERE l.device_id = ANY($1::uuid[])
+)
 UPDATE telemetry_latest AS l
-SET ts = u.ts, num_value = u.num_value, int_value = u.int_value,
-    bool_value = u.bool_value, str_value = u.str_value
-FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::double precision[],
-            $5::bigint[], $6::boolean[], $7::text[])
-     AS u(device_id, key, ts, {_VALUE_COLS})
-WHERE l.device_id = u.device_id AND l.key = u.key AND u.ts >= l.ts
+SET ts = n.ts, num_value = n.num_value, int_value = n.int_value,
+    bool_value = n.bool_value, str_value = n.str_value
+FROM newest n
+WHERE l.device_id = n.device_id AND l.key = n.key
+  AND (n.ts > l.ts OR (l.num_value, l.int_value, l.bool_value, l.str_value)
+       IS DISTINCT FROM (n.num_value, n.int_value, n.bool_value, n.str_value))
 """
 # Series first seen in a batch: inserted in the telemetry transaction itself, so that
 # every key a device has always has a row (readers list a device's keys from here).
@@ -66,54 +76,48 @@ WHERE EXCLUDED.ts > l.ts OR (EXCLUDED.ts = l.ts AND
                         EXCLUDED.str_value))
 """
 
-Series = tuple[UUID, str]
 # Runs `op(connection)` on a pooled connection (PostgresStore._run).
 Runner = Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
 def as_columns(rows: Sequence[Row]) -> list[list[Any]]:
-    """Rows as the seven column arrays the statements above take."""
+    """Rows as the seven column arrays MERGE_LATEST takes."""
     return [list(c) for c in zip(*rows, strict=True)]
 
 
 class LatestRefresher:
-    """Knows which series have a row; writes the newest values of committed batches."""
+    """Knows which series have a row; refreshes the rows of devices written to."""
 
-    # The series known to have a row are kept in memory; past this many the set starts
-    # over (a forgotten series costs one more upsert, not a wrong answer).
-    MAX_KNOWN = 2_000_000
+    # Devices whose known keys are kept in memory; past this many the map starts over
+    # (a forgotten series costs one more upsert, not a wrong answer).
+    MAX_KNOWN_DEVICES = 500_000
 
     def __init__(self, run: Runner, interval_s: float = 1.0) -> None:
         self._run = run
         self._interval_s = interval_s
-        self._known: set[Series] = set()
-        self._pending: dict[Series, Row] = {}
+        self.known: dict[UUID, set[str]] = {}  # device -> keys that have a row
+        self._pending: set[UUID] = set()  # devices written to since the last refresh
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def new_series(self, newest: Sequence[Row]) -> list[Row]:
-        """The rows of `newest` whose series may have no row yet (insert them with the batch)."""
-        known = self._known
-        return [row for row in newest if (row[0], row[1]) not in known]
-
-    def committed(self, newest: Sequence[Row], inserted: Sequence[Row]) -> None:
-        """A batch committed: remember its new series and queue its newest values."""
-        known = self._known
-        if len(known) + len(inserted) > self.MAX_KNOWN:
-            known.clear()
-        known.update((row[0], row[1]) for row in inserted)
-        pending = self._pending
-        for row in newest:
-            series = (row[0], row[1])
-            seen = pending.get(series)
-            if seen is None or row[2] >= seen[2]:
-                pending[series] = row
-        if pending and not self._wake.is_set():
+    def committed(self, device_ids: Sequence[UUID], new_series: Sequence[Row]) -> None:
+        """A batch committed: remember its new series and refresh its devices' rows."""
+        known = self.known
+        if new_series:
+            if len(known) > self.MAX_KNOWN_DEVICES:
+                known.clear()
+            for row in new_series:
+                keys = known.get(row[0])
+                if keys is None:
+                    keys = known[row[0]] = set()
+                keys.add(row[1])
+        self._pending.update(device_ids)
+        if not self._wake.is_set():
             self._wake.set()
 
     def forget_series(self) -> None:
-        """Devices were deleted: their series lost their rows."""
-        self._known.clear()
+        """Devices were deleted (or the tables replaced): look series up again."""
+        self.known.clear()
 
     def start(self) -> None:
         """Start the background refresh."""
@@ -146,23 +150,18 @@ class LatestRefresher:
             await asyncio.sleep(self._interval_s)
 
     async def _refresh(self) -> None:
-        rows, self._pending = self._pending, {}
-        if not rows:
+        devices, self._pending = self._pending, set()
+        if not devices:
             return
-        # Sorted, so that concurrent refreshes (other processes) lock rows in one order.
-        ordered = sorted(rows.values(), key=lambda r: (r[0], r[1]))
+        ordered = sorted(devices)
 
         async def op(conn: Any) -> None:
             async with conn.transaction():
                 await conn.execute(_PLAN)
-                await conn.execute(_UPDATE_LATEST, *as_columns(ordered))
+                await conn.execute(_REFRESH_LATEST, ordered)
 
         try:
             await self._run(op)
         except BaseException:
-            # Not written: put them back unless a newer value arrived meanwhile.
-            for series, row in rows.items():
-                newer = self._pending.get(series)
-                if newer is None or newer[2] < row[2]:
-                    self._pending[series] = row
+            self._pending |= devices  # not refreshed: again next time
             raise

@@ -797,11 +797,12 @@ class PostgresStore:
         `StorageUnavailable` when the database cannot be reached; then nothing of the batch
         is committed and the caller may retry it whole.
         """
-        rows = _common.batch_rows(batch)
+        # `newest` holds only series without a latest-value row yet (see pg_latest).
+        rows = _common.batch_rows(batch, self._latest.known)
         if not rows.rows:
             return
 
-        async def op(conn: Any) -> tuple[_common.BatchRows, list[_common.Row]]:
+        async def op(conn: Any) -> _common.BatchRows:
             # Almost every batch holds only new points, and a COPY straight into the table
             # is the fastest way in. A batch that repeats stored points (a retry, a device
             # resending) makes that COPY fail on the primary key; the transaction is then
@@ -813,15 +814,15 @@ class PostgresStore:
                 return await self._write_transaction(conn, rows, merge=True)
 
         # Idempotent by design, so a broken idle connection is retried at once.
-        written, new_series = await self._run(op)
-        self._latest.committed(written.newest, new_series)
+        written = await self._run(op)
+        self._latest.committed(written.device_ids, written.newest)
 
     async def _write_transaction(
         self, conn: Any, rows: _common.BatchRows, *, merge: bool
-    ) -> tuple[_common.BatchRows, list[_common.Row]]:
+    ) -> _common.BatchRows:
         """One transaction storing the rows of live devices and the rows of new series.
 
-        Returns the rows written and the new series' rows (inserted into telemetry_latest).
+        Returns what was written (`newest`: the new series, inserted into telemetry_latest).
         """
         async with conn.transaction():
             # No foreign key per row: batches share one advisory lock that device deletes
@@ -849,7 +850,7 @@ class PostgresStore:
                     )
                     rows = kept
                     if not rows.rows:
-                        return rows, []
+                        return rows
             if merge:
                 await conn.copy_records_to_table(
                     "telemetry_stage",
@@ -861,10 +862,9 @@ class PostgresStore:
                 await conn.copy_records_to_table(
                     "telemetry", records=rows.rows, columns=_STAGE_COLUMNS
                 )
-            new_series = self._latest.new_series(rows.newest)
-            if new_series:
-                await conn.execute(pg_latest.MERGE_LATEST, *pg_latest.as_columns(new_series))
-            return rows, new_series
+            if rows.newest:
+                await conn.execute(pg_latest.MERGE_LATEST, *pg_latest.as_columns(rows.newest))
+            return rows
 
     async def query_telemetry(
         self, scope: Scope, device_id: UUID, query: TelemetryQuery
