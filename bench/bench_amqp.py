@@ -9,7 +9,10 @@ All in one run, on loopback, against the local RabbitMQ and PostgreSQL:
    the end of its start-up until every point is committed (points stored during start-up
    are left out of the count; acknowledged after commit, as in production);
 4. a naive consumer: aio-pika, one message at a time, one INSERT transaction per message,
-   then basic.ack — what a first attempt usually looks like.
+   then basic.ack — what a first attempt usually looks like;
+5. a bare consumer: aiormq (the platform's client library) reading the same messages and
+   acknowledging them many at once, doing nothing else: the most any consumer built on
+   that library can drain here.
 
 Goal (issue 4): end to end >= 40 % of the COPY limit and >= 20 x the naive consumer.
 The broker's `iiot`/`telemetry` names are the platform's own; they are deleted before and
@@ -245,6 +248,35 @@ async def _naive(db_url: str, messages: int) -> float:
         await conn.close()
 
 
+async def _bare(messages: int, prefetch: int) -> float:
+    """Points/s of a consumer that does nothing but read and acknowledge (aiormq, the
+    platform's client library, acks of many messages at once): the ceiling for any
+    consumer written with it on this machine, before any work on the messages."""
+    connection = await aiormq.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=prefetch)
+        done = asyncio.Event()
+        count = 0
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            nonlocal count
+            count += 1
+            # Read what the platform reads: the token header and the body.
+            _ = (message.header.properties.headers or {}).get("token"), message.body
+            if count % 200 == 0 or count == messages:
+                await channel.basic_ack(message.delivery_tag, multiple=True)
+            if count >= messages:
+                done.set()
+
+        started = time.perf_counter()
+        await channel.basic_consume(QUEUE, on_message)
+        await asyncio.wait_for(done.wait(), 120)
+        return 3 * count / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+
+
 async def _run(quick: bool) -> dict[str, Any]:
     messages = 20_000 if quick else 60_000
     naive_messages = 1_000 if quick else 3_000
@@ -271,6 +303,9 @@ async def _run(quick: bool) -> dict[str, Any]:
         await _truncate(db_url)
         await _publish(devices, naive_messages, offset=messages)
         naive_rate = await _naive(db_url, naive_messages)
+
+        await _publish(devices, messages, offset=messages + naive_messages)
+        bare_rate = await _bare(messages, load_settings({}).amqp_prefetch)
     finally:
         await _reset_broker()
         admin = await asyncpg.connect(ADMIN_URL)
@@ -301,12 +336,24 @@ async def _run(quick: bool) -> dict[str, Any]:
                 "ratio": round(vs_naive, 1),
                 "kind": "throughput",
             },
+            {
+                "label": label,
+                "value": round(platform_rate),
+                "unit": "points/s",
+                "baseline_label": "bare aiormq consumer: read and ack only, no work",
+                "baseline_value": round(bare_rate),
+                "ratio": round(platform_rate / bare_rate, 3),
+                "kind": "throughput",
+            },
         ],
         "notes": [
             f"{messages} persistent messages queued first, then drained by the platform "
             "(ack after commit, prefetch 1000), timed from the end of platform start-up",
             f"goal >= 40 % of COPY: {'met' if vs_copy >= 0.4 else 'NOT met'} ({vs_copy:.0%}); "
             f"goal >= 20 x naive: {'met' if vs_naive >= 20 else 'NOT met'} ({vs_naive:.1f} x)",
+            f"the client library's own ceiling here: a bare aiormq consumer drains"
+            f" {bare_rate:,.0f} points/s = {bare_rate / copy_rate:.0%} of COPY and"
+            f" {bare_rate / naive_rate:.1f} x naive, before any work on the messages",
         ],
         "params": {"messages": messages, "naive_messages": naive_messages, "devices": DEVICES},
         "detail": detail,
