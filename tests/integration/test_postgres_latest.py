@@ -122,3 +122,24 @@ async def test_a_device_deleted_by_another_process_gets_no_more_points(pg_url: s
         await conn.close()
     assert [(r["device_id"], r["ts"]) for r in rows] == [(kept.id, 1000), (kept.id, 2000)]
     assert [(r["device_id"], r["ts"]) for r in latest] == [(kept.id, 2000)]
+
+
+async def test_after_a_deletion_elsewhere_a_batch_registers_its_series_again(pg_url: str) -> None:
+    """A forced restore (or any deletion) may remove rows this writer thinks exist."""
+    async with PostgresStore(pg_url) as writer, PostgresStore(pg_url) as admin:
+        tenant = await writer.create_tenant("acme")
+        press = await writer.create_device(tenant.id, "press-1", "hash-1")
+        other = await writer.create_device(tenant.id, "press-2", "hash-2")
+        await writer.write_points(batch(press, 1000, t=1.0, p=2.0))
+        # The rows vanish behind the writer's back (as a restore of an older backup would
+        # do), and a deletion tells writers to look again.
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute("DELETE FROM telemetry_latest WHERE device_id = $1", press.id)
+        finally:
+            await conn.close()
+        await admin.delete_device(None, other.id)
+        await writer.write_points(batch(press, 2000, t=3.0, p=4.0))
+        assert await table_latest(pg_url, press.id) == {"t": (2000, 3.0), "p": (2000, 4.0)}
+        latest = await writer.latest(None, press.id)
+        assert set(latest) == {"t", "p"}

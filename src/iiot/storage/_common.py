@@ -88,6 +88,15 @@ class BatchRows:
     device_ids: list[UUID]  # distinct, sorted: every writer locks devices in one order
     newest: list[Row]  # per (device, key) the row with the largest ts (the later on ties)
 
+    def with_every_series(self) -> BatchRows:
+        """The same batch with `newest` for every series (after a partial `batch_rows`)."""
+        newest: dict[tuple[UUID, str], Row] = {}
+        for row in self.rows:
+            seen = newest.get((row[0], row[1]))
+            if seen is None or row[2] >= seen[2]:
+                newest[(row[0], row[1])] = row
+        return BatchRows(self.rows, self.device_ids, list(newest.values()))
+
     def without(self, alive: set[UUID]) -> BatchRows:
         """The same batch restricted to the devices in `alive`."""
         return BatchRows(

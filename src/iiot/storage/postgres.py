@@ -834,6 +834,9 @@ class PostgresStore:
                 self._alive.clear()
                 self._latest.forget_series()
                 self._deletions_seen = deletions
+                # Rows of series thought known may be gone too (a forced restore): this
+                # batch registers all of its series again.
+                rows = rows.with_every_series()
             alive = self._alive
             unchecked = [d for d in rows.device_ids if d not in alive]
             if unchecked:
