@@ -75,29 +75,23 @@ class DeviceRegistry:
     def cached_token(self, token: str) -> Device | None:
         """The device owning this token if it is cached (as `cached`); None otherwise."""
         token_hash = hash_token(token)
-        cached = self._by_token.get(token_hash)
-        if cached is None:
+        return self._from_cache(self._by_token.get(token_hash), token_hash)
+
+    def cached(self, device_id: UUID) -> Device | None:
+        """The device if it is cached (fresh, or just expired: then it is read again)."""
+        return self._from_cache(self._by_id.get(device_id), None)
+
+    def _from_cache(
+        self, entry: tuple[float, Device] | None, token_hash: str | None
+    ) -> Device | None:
+        if entry is None:
             return None
-        expires, device = cached
+        expires, device = entry
         now = time.monotonic()
         if expires > now:
             return device
         if expires + self._ttl > now:
             self._refresh_later(token_hash, device.id)
-            return device
-        return None
-
-    def cached(self, device_id: UUID) -> Device | None:
-        """The device if it is cached (fresh, or just expired: then it is read again)."""
-        cached = self._by_id.get(device_id)
-        if cached is None:
-            return None
-        expires, device = cached
-        now = time.monotonic()
-        if expires > now:
-            return device
-        if expires + self._ttl > now:
-            self._refresh_later(None, device_id)
             return device
         return None
 
