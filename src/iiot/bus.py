@@ -1,4 +1,4 @@
-"""In-process live bus: committed telemetry, device changes and commands to devices.
+"""In-process live bus: committed telemetry, device and tenant changes, commands to devices.
 
 Subscribers get their own bounded queue; a subscriber that falls behind loses its oldest
 events (live values are a view; the database keeps every point), never slowing ingestion.
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from iiot.model import Device, DevicePoints
+from iiot.model import Device, DevicePoints, Tenant
 
 __all__ = [
     "CommandRouter",
@@ -22,6 +22,7 @@ __all__ = [
     "LiveBus",
     "LiveEvent",
     "TelemetryEvent",
+    "TenantEvent",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,15 @@ class DeviceEvent:
     device: Device
 
 
-LiveEvent = TelemetryEvent | DeviceEvent
+@dataclass(frozen=True, slots=True)
+class TenantEvent:
+    """A tenant was changed (name, retention) or deleted (its devices' events come first)."""
+
+    kind: Literal["updated", "deleted"]
+    tenant: Tenant
+
+
+LiveEvent = TelemetryEvent | DeviceEvent | TenantEvent
 
 
 class LiveBus:

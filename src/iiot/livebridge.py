@@ -2,7 +2,7 @@
 
 With `--role api` and `--role ingest` in separate processes, each process has its own
 `LiveBus`. Every process running a bridge NOTIFYs the events that arose locally (committed
-telemetry, device changes) on one channel and LISTENs for the others' events, which it
+telemetry, device and tenant changes) on one channel and LISTENs for the others' events, which it
 publishes on its own bus. So points committed by the ingest role reach the API workers'
 live views, and a device disabled or re-keyed through an API worker leaves the ingest
 role's token cache at once (instead of after the cache's few seconds).
@@ -24,8 +24,8 @@ from uuid import UUID
 
 import asyncpg
 
-from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent
-from iiot.model import Device, DevicePoints, Point
+from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent, TenantEvent
+from iiot.model import Device, DevicePoints, Point, Tenant
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait, supervise
 
@@ -49,6 +49,15 @@ def _device(raw: list[Any]) -> Device:
     return Device(UUID(raw[0]), UUID(raw[1]), str(raw[2]), str(raw[3]), int(raw[4]))
 
 
+def _tenant_json(tenant: Tenant) -> list[Any]:
+    return [str(tenant.id), tenant.name, tenant.created_at, tenant.retention_days]
+
+
+def _tenant(raw: list[Any]) -> Tenant:
+    retention = None if raw[3] is None else int(raw[3])
+    return Tenant(UUID(raw[0]), str(raw[1]), int(raw[2]), retention)
+
+
 def _fits(origin: str, kind: str, device: list[Any], points: list[list[Any]]) -> list[str]:
     """Payloads under the NOTIFY limit, splitting the points in halves when needed."""
     text = json.dumps({"o": origin, "t": kind, "d": device, "p": points}, separators=(",", ":"))
@@ -63,6 +72,9 @@ def _fits(origin: str, kind: str, device: list[Any], points: list[list[Any]]) ->
 
 def encode(event: LiveEvent, origin: str) -> list[str]:
     """An event as one or more NOTIFY payloads (JSON)."""
+    if isinstance(event, TenantEvent):
+        kind = f"tenant_{event.kind}"
+        return [json.dumps({"o": origin, "t": kind, "n": _tenant_json(event.tenant)})]
     if isinstance(event, DeviceEvent):
         return _fits(origin, event.kind, _device_json(event.device), [])
     payloads: list[str] = []
@@ -75,8 +87,10 @@ def encode(event: LiveEvent, origin: str) -> list[str]:
 def decode(payload: str) -> tuple[str, LiveEvent]:
     """(origin, event) of a NOTIFY payload."""
     raw = json.loads(payload)
-    device = _device(raw["d"])
     kind = raw["t"]
+    if kind in ("tenant_updated", "tenant_deleted"):
+        return raw["o"], TenantEvent(kind.removeprefix("tenant_"), _tenant(raw["n"]))
+    device = _device(raw["d"])
     if kind == "telemetry":
         points = tuple(Point(str(k), int(ts), v) for k, ts, v in raw["p"])
         return raw["o"], TelemetryEvent((DevicePoints(device, points),))

@@ -366,13 +366,40 @@ def device_id_of(variable: ua.NodeId, ns: int) -> ua.NodeId:
     return ua.NodeId(variable.Identifier.split(":telemetry:")[0], ns)
 
 
-async def test_tenant_created_later_appears(world: World) -> None:
+async def test_a_tenant_created_later_appears_is_renamed_and_deleted(world: World) -> None:
     tenant = await world.api.tenant(f"late-{uuid.uuid4().hex[:6]}")
     device = await world.device(tenant)
     await world.send(device, {"x": 1.0})
     async with world.client() as client:
         ns, node = await device_node(client, tenant["name"], device["name"])
         assert await (await node.get_child(f"{ns}:x")).read_value() == 1.0
+        folder = await client.nodes.objects.get_child([f"{ns}:Tenants", f"{ns}:{tenant['name']}"])
+
+        admin = world.api.admin
+        renamed = tenant["name"] + "-north"
+        url = f"/api/tenants/{tenant['id']}"
+        await world.api.ok("PATCH", url, json={"name": renamed}, headers=admin)
+
+        async def folder_name() -> bool:
+            return (await folder.read_browse_name()).Name == renamed
+
+        await eventually(folder_name)
+        assert (await folder.read_display_name()).Text == renamed
+        _, found = await device_node(client, renamed, device["name"])
+        assert found.nodeid == node.nodeid
+
+        await world.api.ok("DELETE", url, 204, headers=admin)
+        tenants = await client.nodes.objects.get_child(f"{ns}:Tenants")
+
+        async def folder_gone() -> bool:
+            names = [(await c.read_browse_name()).Name for c in await tenants.get_children()]
+            return renamed not in names and "acme" in names
+
+        await eventually(folder_gone)
+        with pytest.raises(ua.UaStatusCodeError):
+            await folder.read_browse_name()
+        with pytest.raises(ua.UaStatusCodeError):
+            await node.read_browse_name()
 
 
 # --- login ---------------------------------------------------------------------------------

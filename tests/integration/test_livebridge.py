@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from iiot.app import Platform, RunRole
-from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent
+from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent, TenantEvent
 from iiot.config import load_settings
 from iiot.errors import DeviceDisabled
 from iiot.livebridge import decode, encode
-from iiot.model import Device, DevicePoints, Point
+from iiot.model import Device, DevicePoints, Point, Tenant
 from tests.support import platform_env
 
 
@@ -99,3 +99,12 @@ def test_large_batches_are_split_under_the_notify_limit() -> None:
         p for _, e in back if isinstance(e, TelemetryEvent) for item in e.batch for p in item.points
     ]
     assert tuple(received) == points
+
+
+def test_tenant_events_cross_unchanged() -> None:
+    for tenant in (Tenant(uuid.uuid4(), "plant north", 1_767_225_600_000, 30),
+                   Tenant(uuid.uuid4(), "plant \u00e9st", 1_767_225_600_001, None)):  # fmt: skip
+        for kind in ("updated", "deleted"):
+            event = TenantEvent(kind, tenant)
+            [payload] = encode(event, "me")
+            assert decode(payload) == ("me", event)

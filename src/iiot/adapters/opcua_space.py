@@ -2,7 +2,7 @@
 
 Built once from the store at start, then kept up to date from the live bus: telemetry writes
 the variables' values (SourceTimestamp = the point's ts), new keys become new variables,
-device changes rename, re-status or delete nodes. Nodes are added in batches through
+device and tenant changes rename, re-status or delete nodes. Nodes are added in batches through
 asyncua's internal session and values written straight into its address space, which is
 the cheapest path asyncua offers (and still notifies subscriptions).
 """
@@ -22,7 +22,7 @@ from asyncua.server.server import Server
 from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import NodeOwners
 from iiot.adapters.opcua_history import from_ms, variant_of
-from iiot.bus import LiveEvent, TelemetryEvent
+from iiot.bus import LiveEvent, TelemetryEvent, TenantEvent
 from iiot.errors import NotFound
 from iiot.model import Device, Point, Tenant
 from iiot.storage.base import Store
@@ -119,6 +119,12 @@ class AddressSpaceSync:
                 if item.points and await self._ensure_device(item.device):
                     await self._write_points(item.device.id, item.points)
             return
+        if isinstance(event, TenantEvent):
+            if event.kind == "deleted":
+                await self._remove_tenant(event.tenant.id)
+            elif event.tenant.id in self._tenants:
+                await self._rename(ids.tenant_node(self._ns, event.tenant.id), event.tenant.name)
+            return
         device = event.device
         if event.kind == "deleted":
             await self._remove_device(device.id)
@@ -209,17 +215,31 @@ class AddressSpaceSync:
     async def _update_device(self, device: Device) -> None:
         state = self._devices[device.id]
         if device.name != state.name:
-            obj = ids.device_node(self._ns, device.id)
-            await self._write(
-                obj, ua.Variant(ua.QualifiedName(device.name, self._ns)), ua.AttributeIds.BrowseName
-            )
-            await self._write(
-                obj, ua.Variant(ua.LocalizedText(device.name)), ua.AttributeIds.DisplayName
-            )
+            await self._rename(ids.device_node(self._ns, device.id), device.name)
             state.name = device.name
         if device.status != state.status:
             await self._write(ids.status_node(self._ns, device.id), _status_value(device.status))
             state.status = device.status
+
+    async def _rename(self, node: ua.NodeId, name: str) -> None:
+        browse_name = ua.Variant(ua.QualifiedName(name, self._ns))
+        await self._write(node, browse_name, ua.AttributeIds.BrowseName)
+        await self._write(node, ua.Variant(ua.LocalizedText(name)), ua.AttributeIds.DisplayName)
+
+    async def _remove_tenant(self, tenant_id: UUID) -> None:
+        if tenant_id not in self._tenants:
+            return
+        # Its devices' own events normally came first; any left go with the folder.
+        for device_id, state in list(self._devices.items()):
+            if state.tenant_id == tenant_id:
+                await self._remove_device(device_id)
+        node = ids.tenant_node(self._ns, tenant_id)
+        await self._session.delete_nodes(
+            ua.DeleteNodesParameters(
+                NodesToDelete=[ua.DeleteNodesItem(NodeId=node, DeleteTargetReferences=True)]
+            )
+        )
+        self._tenants.discard(tenant_id)
 
     async def _remove_device(self, device_id: UUID) -> None:
         state = self._devices.pop(device_id, None)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Response
 
 from iiot.api.deps import Auth, Svc, sysadmin_writes
 from iiot.api.schemas import MANAGEMENT_ERRORS, TenantCreate, TenantOut, TenantPage, TenantPatch
-from iiot.bus import DeviceEvent
+from iiot.bus import DeviceEvent, TenantEvent
 from iiot.model import Device
 
 router = APIRouter(
@@ -62,6 +62,7 @@ async def update_tenant(
         retention_days=body.retention_days,
         clear_retention="retention_days" in sent and body.retention_days is None,
     )
+    services.bus.publish(TenantEvent("updated", tenant))  # e.g. the OPC UA folder's name
     return TenantOut.of(tenant)
 
 
@@ -69,7 +70,7 @@ async def update_tenant(
 async def delete_tenant(tenant_id: UUID, principal: Auth, services: Svc) -> Response:
     """Delete a tenant with its users, devices and telemetry."""
     store = services.store
-    await store.get_tenant(principal.scope, tenant_id)
+    tenant = await store.get_tenant(principal.scope, tenant_id)
     devices: list[Device] = []
     while True:
         page = await store.list_devices(tenant_id, 1000, len(devices))
@@ -81,4 +82,5 @@ async def delete_tenant(tenant_id: UUID, principal: Auth, services: Svc) -> Resp
     for device in devices:
         services.registry.forget(device.id)
         services.bus.publish(DeviceEvent("deleted", device))
+    services.bus.publish(TenantEvent("deleted", tenant))
     return Response(status_code=204)
