@@ -124,6 +124,7 @@ class _Entry:
 @dataclass(slots=True, eq=False)
 class _InFlight:
     batch: list[_Entry]
+    items: list[DevicePoints]  # what is written: the entries' points, in order
     points: int
     deadline: float  # the earliest deadline of a sender still waiting on this batch
     done: bool = False  # written (or refused for good); its senders not yet told
@@ -372,7 +373,7 @@ class Pipeline:
         return len(entry.item.points)
 
     # --- writing -------------------------------------------------------------------------
-    async def _next_batch(self) -> list[_Entry]:
+    async def _next_batch(self) -> _InFlight | None:
         """Wait for queued points (and, with a delay, a fuller batch); take one batch."""
         settings = self._settings
         max_points = settings.max_batch_points
@@ -383,7 +384,7 @@ class Pipeline:
             self._writing and self._waiting_points < max_points and not self._closing
         ):
             if self._closing and not self._entries:
-                return []
+                return None
             self._wake_at = max_points if self._writing else 1
             self._work.clear()
             await self._work.wait()
@@ -398,7 +399,9 @@ class Pipeline:
                     await asyncio.wait_for(self._work.wait(), remaining)
         self._wake_at = max_points  # writing: wake another writer for a full batch only
         batch: list[_Entry] = []
+        items: list[DevicePoints] = []
         points = 0
+        deadline = math.inf
         entries = self._entries
         while entries:
             entry = entries[0]
@@ -412,25 +415,25 @@ class Pipeline:
                 continue
             entry.taken = True
             batch.append(entry)
+            items.append(entry.item)
             points += size
+            deadline = min(deadline, entry.deadline)
         self._waiting_points -= points
-        return batch
+        return _InFlight(batch, items, points, deadline) if batch else None
 
     async def _run(self) -> None:
         while True:
-            batch = await self._next_batch()
-            if not batch:
+            flight = await self._next_batch()
+            if flight is None:
                 if self._closing and not self._entries:
                     self._work.set()  # let the other writers see it too
                     return
                 continue
-            points = sum(len(entry.item.points) for entry in batch)
-            flight = _InFlight(batch, points, min(entry.deadline for entry in batch))
             self._in_flight.append(flight)
             self._metrics.queue_points.set(self._queued_points)
             self._writing += 1
             try:
-                flight.error = await self._commit(batch, points)
+                flight.error = await self._commit(flight.items, flight.points)
             finally:
                 self._writing -= 1
             flight.done = True
@@ -450,11 +453,10 @@ class Pipeline:
             flight = flights.pop(0)
             self._finish(flight.batch, flight.points, flight.error)
             if flight.error is None:
-                self._bus.publish(TelemetryEvent([entry.item for entry in flight.batch]))
+                self._bus.publish(TelemetryEvent(flight.items))
 
-    async def _commit(self, batch: list[_Entry], points: int) -> BaseException | None:
+    async def _commit(self, items: list[DevicePoints], points: int) -> BaseException | None:
         """Write a batch, retrying while storage is unavailable; the error if refused."""
-        items = [entry.item for entry in batch]
         backoff = Backoff()
         while True:
             started = time.perf_counter()
