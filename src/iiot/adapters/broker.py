@@ -193,36 +193,32 @@ class _Gate:
         await asyncio.gather(*self._qos0_tasks, return_exceptions=True)
 
 
-class DeviceAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
-    """amqtt auth plugin: username = device id, password = device token."""
+class _GatedPlugin:
+    """What both plugins share: the gate, handed over by `EmbeddedBroker` through the
+    plugin configuration (amqtt builds `Config` from the plugin's settings)."""
+
+    config: Any
 
     @dataclass
     class Config:
-        """The gate is handed over by `EmbeddedBroker` through the plugin configuration."""
-
         gate: Any = None
 
     def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
+        # The next class in the plugin's MRO is amqtt's base plugin, which takes the context.
+        super().__init__(context)  # type: ignore[call-arg]
         self.gate: _Gate = self.config.gate
+
+
+class DeviceAuthPlugin(_GatedPlugin, BaseAuthPlugin):  # type: ignore[misc]
+    """amqtt auth plugin: username = device id, password = device token."""
 
     async def authenticate(self, *, session: Session) -> bool | None:
         """True when the device id and token match."""
         return await self.gate.authenticate(session)
 
 
-class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
+class DeviceTopicPlugin(_GatedPlugin, BaseTopicPlugin):  # type: ignore[misc]
     """amqtt topic plugin: a device may only use topics under `devices/{own id}/`."""
-
-    @dataclass
-    class Config:
-        """The gate is handed over by `EmbeddedBroker` through the plugin configuration."""
-
-        gate: Any = None
-
-    def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
-        self.gate: _Gate = self.config.gate
 
     async def topic_filtering(
         self,
