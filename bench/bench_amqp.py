@@ -38,6 +38,7 @@ import aio_pika
 import aiormq
 import asyncpg
 
+from bench.figures import throughput
 from iiot.app import Platform
 from iiot.config import load_settings
 from iiot.security import hash_token, new_device_token
@@ -318,33 +319,19 @@ async def _run(quick: bool) -> dict[str, Any]:
     return {
         "name": "amqp",
         "figures": [
-            {
-                "label": label,
-                "value": round(platform_rate),
-                "unit": "points/s",
-                "baseline_label": "raw COPY into telemetry (same rows)",
-                "baseline_value": round(copy_rate),
-                "ratio": round(vs_copy, 3),
-                "kind": "throughput",
-            },
-            {
-                "label": label,
-                "value": round(platform_rate),
-                "unit": "points/s",
-                "baseline_label": "naive consumer (insert + commit per message)",
-                "baseline_value": round(naive_rate),
-                "ratio": round(vs_naive, 1),
-                "kind": "throughput",
-            },
-            {
-                "label": label,
-                "value": round(platform_rate),
-                "unit": "points/s",
-                "baseline_label": "bare aiormq consumer: read and ack only, no work",
-                "baseline_value": round(bare_rate),
-                "ratio": round(platform_rate / bare_rate, 3),
-                "kind": "throughput",
-            },
+            throughput(label, platform_rate, "raw COPY into telemetry (same rows)", copy_rate),
+            throughput(
+                label,
+                platform_rate,
+                "naive consumer (insert + commit per message)",
+                naive_rate,
+            ),
+            throughput(
+                label,
+                platform_rate,
+                "bare aiormq consumer: read and ack only, no work",
+                bare_rate,
+            ),
         ],
         "notes": [
             f"{messages} persistent messages queued first, then drained by the platform "

@@ -45,6 +45,7 @@ import asyncpg
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.figures import throughput
 from bench.pg import temporary_database
 
 DEVICES = 1000
@@ -349,17 +350,6 @@ async def _naive(db_url: str, broker: _Mosquitto, messages: int, *, drain: bool)
     return done * 3 / elapsed
 
 
-def _figure(label: str, value: float, baseline_label: str, baseline: float) -> dict[str, Any]:
-    return {
-        "label": label,
-        "value": round(value),
-        "unit": "points/s",
-        "baseline_label": baseline_label,
-        "baseline_value": round(baseline),
-        "ratio": round(value / baseline, 3),
-    }
-
-
 async def _run(quick: bool) -> dict[str, Any]:
     messages = 6_000 if quick else 40_000
     drain_messages = 20_000 if quick else 100_000
@@ -381,19 +371,19 @@ async def _run(quick: bool) -> dict[str, Any]:
     return {
         "name": "mqtt",
         "figures": [
-            _figure(
+            throughput(
                 "MQTT QoS 1 -> PostgreSQL, broker queue drained (1,000 devices, 3 points/msg)",
                 drain,
                 copy_label,
                 copy,
             ),
-            _figure(
+            throughput(
                 "MQTT QoS 1 -> PostgreSQL, broker queue drained",
                 drain,
                 "naive subscriber (INSERT + commit per message), queue drained",
                 naive_drain,
             ),
-            _figure(
+            throughput(
                 "MQTT QoS 1 -> PostgreSQL, publishers running on the same machine",
                 live,
                 "naive subscriber, publishers running",

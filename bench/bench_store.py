@@ -56,6 +56,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.figures import throughput
 from bench.pg import temporary_database
 from iiot.bus import LiveBus
 from iiot.config import load_settings
@@ -451,13 +452,7 @@ def _figure(
     label: str, value: dict[str, Any], baseline_label: str, baseline: dict[str, Any]
 ) -> dict[str, Any]:
     return {
-        "label": label,
-        "value": value["points_per_s"],
-        "unit": "points/s",
-        "baseline_label": baseline_label,
-        "baseline_value": baseline["points_per_s"],
-        "ratio": round(value["points_per_s"] / baseline["points_per_s"], 3),
-        "kind": "throughput",
+        **throughput(label, value["points_per_s"], baseline_label, baseline["points_per_s"]),
         # Same points, so the ratio of one round is baseline seconds / figure seconds.
         "round_ratios": [
             round(b / v, 2) for v, b in zip(value["runs_s"], baseline["runs_s"], strict=True)
