@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+from uuid import UUID
 
 from iiot.model import Device, DevicePoints, Tenant
 
@@ -21,6 +22,7 @@ __all__ = [
     "DeviceEvent",
     "LiveBus",
     "LiveEvent",
+    "RecordEvent",
     "TelemetryEvent",
     "TenantEvent",
 ]
@@ -51,7 +53,25 @@ class TenantEvent:
     tenant: Tenant
 
 
-LiveEvent = TelemetryEvent | DeviceEvent | TenantEvent
+RecordTopic = Literal["command", "alarm", "rule", "attributes", "connectivity"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEvent:
+    """A stored change of a command, alarm, rule, attribute set or device connectivity.
+
+    `data` is the record's REST representation (JSON-ready), so the live channel, webhooks
+    and the bridge between processes forward it as it is.
+    """
+
+    topic: RecordTopic
+    kind: str  # e.g. a command's new status, "raised"/"acked"/"cleared", "connected"
+    tenant_id: UUID
+    device_id: UUID | None
+    data: Mapping[str, Any]
+
+
+LiveEvent = TelemetryEvent | DeviceEvent | TenantEvent | RecordEvent
 
 
 class LiveBus:

@@ -29,6 +29,11 @@ class Settings:
     http_port: int = 8080
     mqtt_url: str | None = None  # unset: embedded broker
     mqtt_port: int = 1883
+    mqtts_port: int = 8883  # embedded endpoint over TLS; on when tls_cert and tls_key are set
+    tls_cert: Path | None = None  # PEM server certificate (chain) for MQTTS
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    mqtt_max_connections: int = 100_000  # embedded endpoint: connections held at once
+    inactivity_timeout_s: int = 600  # a device not heard from for this long is inactive
     mqtt_shared_group: str | None = None  # `$share/{group}/...` on an external broker
     amqp_url: str | None = None  # unset: AMQP ingestion off
     amqp_prefetch: int = 1000
@@ -113,6 +118,11 @@ def _path(raw: str) -> Path:
     return Path(_text(raw))
 
 
+def _optional_path(raw: str) -> Path | None:
+    """a file path (empty for none)"""
+    return Path(raw.strip()) if raw.strip() else None
+
+
 def _database_url(raw: str) -> str:
     """sqlite:///path or postgresql://user@host[:port]/db"""
     text = raw.strip()
@@ -155,6 +165,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "http_port": _port,
     "mqtt_url": _url("mqtt", "mqtts"),
     "mqtt_port": _port,
+    "mqtts_port": _port,
+    "tls_cert": _optional_path,
+    "tls_key": _optional_path,
+    "mqtt_max_connections": _int_between(1, 10_000_000),
+    "inactivity_timeout_s": _int_between(1, 365 * 24 * 3600),
     "mqtt_shared_group": _optional_text,
     "amqp_url": _url("amqp", "amqps"),
     "amqp_prefetch": _int_between(1, 65535),

@@ -24,7 +24,7 @@ from uuid import UUID
 
 import asyncpg
 
-from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent, TenantEvent
+from iiot.bus import DeviceEvent, LiveEvent, RecordEvent, TelemetryEvent, TenantEvent
 from iiot.model import Device, DevicePoints, Point, Tenant
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait, supervise
@@ -42,11 +42,51 @@ _MAX_INJECTED = 10_000
 
 
 def _device_json(device: Device) -> list[Any]:
-    return [str(device.id), str(device.tenant_id), device.name, device.status, device.created_at]
+    gateway = None if device.gateway_id is None else str(device.gateway_id)
+    return [
+        str(device.id),
+        str(device.tenant_id),
+        device.name,
+        device.status,
+        device.created_at,
+        device.type,
+        gateway,
+        device.last_seen,
+        device.connected,
+    ]
 
 
 def _device(raw: list[Any]) -> Device:
-    return Device(UUID(raw[0]), UUID(raw[1]), str(raw[2]), str(raw[3]), int(raw[4]))
+    device = Device(UUID(raw[0]), UUID(raw[1]), str(raw[2]), str(raw[3]), int(raw[4]))
+    if len(raw) < 9:  # a process of the previous version
+        return device
+    return Device(
+        device.id,
+        device.tenant_id,
+        device.name,
+        device.status,
+        device.created_at,
+        type=str(raw[5]),
+        gateway_id=None if raw[6] is None else UUID(raw[6]),
+        last_seen=None if raw[7] is None else int(raw[7]),
+        connected=bool(raw[8]),
+    )
+
+
+def _record_json(event: RecordEvent, origin: str) -> str:
+    device = None if event.device_id is None else str(event.device_id)
+    body = {
+        "o": origin,
+        "t": "record",
+        "r": [event.topic, event.kind, str(event.tenant_id), device, event.data],
+    }
+    return json.dumps(body, separators=(",", ":"), default=str)
+
+
+def _record(raw: list[Any]) -> RecordEvent:
+    topic, kind, tenant, device, data = raw
+    device_id = None if device is None else UUID(device)
+    return RecordEvent(topic, str(kind), UUID(tenant), device_id, dict(data))
 
 
 def _tenant_json(tenant: Tenant) -> list[Any]:
@@ -77,6 +117,14 @@ def encode(event: LiveEvent, origin: str) -> list[str]:
         return [json.dumps({"o": origin, "t": kind, "n": _tenant_json(event.tenant)})]
     if isinstance(event, DeviceEvent):
         return _fits(origin, event.kind, _device_json(event.device), [])
+    if isinstance(event, RecordEvent):
+        text = _record_json(event, origin)
+        if len(text.encode()) > _MAX_PAYLOAD:
+            log.warning(
+                "live %s event of device %s too large to forward", event.topic, event.device_id
+            )
+            return []
+        return [text]
     payloads: list[str] = []
     for item in event.batch:
         points = [[p.key, p.ts, p.value] for p in item.points]
@@ -90,6 +138,8 @@ def decode(payload: str) -> tuple[str, LiveEvent]:
     kind = raw["t"]
     if kind in ("tenant_updated", "tenant_deleted"):
         return raw["o"], TenantEvent(kind.removeprefix("tenant_"), _tenant(raw["n"]))
+    if kind == "record":
+        return raw["o"], _record(raw["r"])
     device = _device(raw["d"])
     if kind == "telemetry":
         points = tuple(Point(str(k), int(ts), v) for k, ts, v in raw["p"])

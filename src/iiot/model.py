@@ -63,6 +63,19 @@ class Device:
     name: str
     status: str
     created_at: int = 0
+    type: str = "default"  # "gateway" for a ThingsBoard-style gateway; rules target types
+    gateway_id: UUID | None = None  # the gateway that created and feeds this device, if any
+    last_seen: int | None = None  # Unix ms of the last message of any kind
+    connected: bool = False  # an MQTT connection, HTTP long poll or CoAP observation is open
+
+    @property
+    def is_gateway(self) -> bool:
+        """Whether this device may create and feed child devices (ThingsBoard gateway API)."""
+        return self.type == "gateway"
+
+    def active(self, now_ms: int, inactivity_timeout_s: int) -> bool:
+        """Whether the device was heard from within the inactivity timeout."""
+        return self.last_seen is not None and now_ms - self.last_seen <= inactivity_timeout_s * 1000
 
     @property
     def disabled(self) -> bool:

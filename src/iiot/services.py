@@ -8,6 +8,7 @@ from typing import Literal
 from iiot.bus import CommandRouter, LiveBus
 from iiot.config import Settings
 from iiot.ingest import Ingestor
+from iiot.links import DeviceInbox, DeviceLinks, UnsupportedInbox
 from iiot.metrics import Metrics
 from iiot.pipeline import Pipeline
 from iiot.registry import DeviceRegistry
@@ -50,3 +51,6 @@ class Services:
     ingestor: Ingestor
     commands: CommandRouter
     health: HealthBoard
+    # The way back to devices: adapters attach links; services push and receive through them.
+    links: DeviceLinks = field(default_factory=DeviceLinks)
+    inbox: DeviceInbox = field(default_factory=UnsupportedInbox)

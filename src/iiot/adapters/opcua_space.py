@@ -22,7 +22,7 @@ from asyncua.server.server import Server
 from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import NodeOwners
 from iiot.adapters.opcua_history import from_ms, variant_of
-from iiot.bus import LiveEvent, TelemetryEvent, TenantEvent
+from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent, TenantEvent
 from iiot.errors import NotFound
 from iiot.model import Device, Point, Tenant
 from iiot.storage.base import Store
@@ -125,6 +125,8 @@ class AddressSpaceSync:
             elif event.tenant.id in self._tenants:
                 await self._rename(ids.tenant_node(self._ns, event.tenant.id), event.tenant.name)
             return
+        if not isinstance(event, DeviceEvent):
+            return  # commands, alarms, attributes: not mirrored here (yet)
         device = event.device
         if event.kind == "deleted":
             await self._remove_device(device.id)
