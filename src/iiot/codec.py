@@ -89,6 +89,8 @@ class _NotExact(Exception):
 
 def _parse_document(document: Any, received_ms: int, limits: Limits, exact: bool) -> list[Point]:
     points: list[Point] = []
+    if type(document) is dict and not document:
+        return points  # `{}`: ThingsBoard's SDKs send it to check the connection
     if isinstance(document, list):
         if not document:
             raise InvalidPayload("message is an empty array: it holds no values")

@@ -106,6 +106,12 @@ async def test_post_json_is_stored_and_answered_changed(coap: Coap) -> None:
     assert await coap.latest() == {"temp": (TS, 21.5), "on": (TS, True)}
 
 
+async def test_empty_object_is_an_empty_message(coap: Coap) -> None:
+    response = await coap.post(b"{}", content_format=50)
+    assert response.code == Code.CHANGED
+    assert await coap.latest() == {}
+
+
 async def test_post_without_content_format_is_json(coap: Coap) -> None:
     response = await coap.post(b'[{"ts": 1767225600000, "values": {"rpm": 900}}]')
     assert response.code == Code.CHANGED

@@ -44,7 +44,7 @@ def test_other_json_values_are_kept_as_json_text() -> None:
     [
         (b'{"a": 1', "line 1 column 8"),
         (b"[]", "empty array"),
-        (b"{}", "no values"),
+        (b'{"ts": 1767225600000, "values": {}}', "no values"),
         (b'"text"', "must be a JSON object"),
         (b"[1]", "item [0] must be a JSON object"),
         (b'{"ts": "soon", "values": {"a": 1}}', "ts must be an integer"),
@@ -111,7 +111,7 @@ def test_any_json_document_parses_or_raises_the_codec_error(document: object) ->
         points = parse_telemetry(body, NOW)
     except InvalidPayload:
         return
-    assert points, "a message that parses holds at least one point"
+    assert points or document == {}, "a message that parses holds a point, or is `{}`"
     for point in points:
         assert 1 <= len(point.key) <= MAX_KEY_LENGTH
         assert isinstance(point.value, (bool, int, float, str))
@@ -135,3 +135,8 @@ def test_valid_messages_round_trip(values: dict[str, object], ts: int) -> None:
     points = parse_telemetry(body, NOW)
     assert {p.key: p.value for p in points} == values
     assert {p.ts for p in points} == {ts}
+
+
+def test_an_empty_object_is_an_empty_message() -> None:
+    # ThingsBoard's SDKs send `{}` to check the connection: accepted, nothing stored.
+    assert parse_telemetry(b"{}", 1_767_225_600_000, Limits()) == []
