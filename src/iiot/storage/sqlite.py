@@ -13,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self, TypeVar
 from uuid import UUID, uuid4
 
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
-from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
+from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common
-from iiot.storage.base import Page, Scope, TelemetryQuery
+from iiot.storage.base import Page, Scope
+
+# Helpers that moved with the telemetry code, still at hand for the methods here.
+from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction  # noqa: F401
+from iiot.storage.sqlite_telemetry import SqliteTelemetry
 
 __all__ = ["SqliteStore"]
 
@@ -42,35 +45,7 @@ _UNAVAILABLE_CODES = {
     14,  # SQLITE_CANTOPEN
     15,  # SQLITE_PROTOCOL
 }
-# SQLite allows 32766 host parameters per statement; stay far below it.
-_CHUNK = 500
 
-_VALUE_COLS = "num_value, int_value, bool_value, str_value"
-_UPSERT_TELEMETRY = f"""
-INSERT INTO telemetry (device_id, key, ts, {_VALUE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (device_id, key, ts) DO UPDATE
-SET num_value = excluded.num_value, int_value = excluded.int_value,
-    bool_value = excluded.bool_value, str_value = excluded.str_value
-WHERE (num_value, int_value, bool_value, str_value)
-      IS NOT (excluded.num_value, excluded.int_value, excluded.bool_value, excluded.str_value)
-"""
-# A late (older) point never replaces a newer latest value; the same ts replaces it.
-_UPSERT_LATEST = f"""
-INSERT INTO telemetry_latest (device_id, key, ts, {_VALUE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (device_id, key) DO UPDATE
-SET ts = excluded.ts, num_value = excluded.num_value, int_value = excluded.int_value,
-    bool_value = excluded.bool_value, str_value = excluded.str_value
-WHERE excluded.ts > telemetry_latest.ts OR (excluded.ts = telemetry_latest.ts AND
-      (num_value, int_value, bool_value, str_value)
-      IS NOT (excluded.num_value, excluded.int_value, excluded.bool_value, excluded.str_value))
-"""
-_AGG_SQL = {
-    "avg": "avg(num)",
-    "min": "min(num)",
-    "max": "max(num)",
-    "sum": "total(num)",  # total() is a float like avg; sum() of no rows is NULL anyway
-    "count": "count(*)",
-}
 _TENANT_COLS = "id, name, created_at, retention_days"
 _USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
 _DEVICE_COLS = "id, tenant_id, name, status, created_at"
@@ -103,24 +78,6 @@ def _device(row: Any) -> Device:
     return Device(UUID(bytes=row[0]), UUID(bytes=row[1]), row[2], row[3], row[4])
 
 
-def _placeholders(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-    # IMMEDIATE takes the write lock at once, so a busy database waits (busy timeout)
-    # here instead of failing later on a read-to-write lock upgrade.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def _split_statements(script: str) -> list[str]:
     """The statements of an SQL script (sqlite3.executescript would COMMIT first)."""
     statements: list[str] = []
@@ -138,7 +95,7 @@ def _split_statements(script: str) -> list[str]:
     return statements
 
 
-class SqliteStore:
+class SqliteStore(SqliteTelemetry):
     """The `Store` on an SQLite file; reusable, not reentrant."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
@@ -557,192 +514,6 @@ class SqliteStore:
                 self._db.execute("DELETE FROM devices WHERE id = ?", (device_id.bytes,))
 
         await self._call(run)
-
-    # --- telemetry ---------------------------------------------------------------------
-    async def write_points(self, batch: Sequence[DevicePoints]) -> None:
-        """Store points in one transaction and update latest values.
-
-        Idempotent: a (device, key, ts) already stored keeps one row (the newer value wins).
-        Points of devices deleted meanwhile are skipped (logged), so that the rest of the
-        batch commits and a pipeline never retries a batch forever. Raises
-        `StorageUnavailable` when the database cannot be used now; then nothing of the
-        batch is committed and the caller may retry it whole.
-        """
-        rows = _common.batch_rows(batch)
-        if rows.rows:
-            await self._call(self._write, rows)
-
-    def _write(self, rows: _common.BatchRows) -> None:
-        db = self._db
-        with _transaction(db):
-            # Inside the write transaction no other writer can delete a device meanwhile.
-            alive: set[UUID] = set()
-            for i in range(0, len(rows.device_ids), _CHUNK):
-                chunk = [d.bytes for d in rows.device_ids[i : i + _CHUNK]]
-                alive.update(
-                    UUID(bytes=r[0])
-                    for r in db.execute(
-                        f"SELECT id FROM devices WHERE id IN ({_placeholders(len(chunk))})", chunk
-                    )
-                )
-            if len(alive) != len(rows.device_ids):
-                kept = rows.without(alive)
-                log.warning(
-                    "skipped %d points of %d deleted device(s)",
-                    len(rows.rows) - len(kept.rows),
-                    len(rows.device_ids) - len(alive),
-                )
-                rows = kept
-            blobs = {d: d.bytes for d in rows.device_ids}
-            # Each row is its own statement here, so repeats within the batch need no
-            # dedup: they are applied in order and the last one wins.
-            db.executemany(_UPSERT_TELEMETRY, [(blobs[r[0]], *r[1:]) for r in rows.rows])
-            db.executemany(_UPSERT_LATEST, [(blobs[r[0]], *r[1:]) for r in rows.newest])
-
-    async def query_telemetry(
-        self, scope: Scope, device_id: UUID, query: TelemetryQuery
-    ) -> dict[str, list[tuple[int, Scalar]]]:
-        """Raw points or aggregates per key, as (ts, value) pairs in the query's order.
-
-        Only keys with data in [start, end) appear. Aggregates are computed per bucket
-        `floor(ts / interval) * interval`; avg/min/max/sum use numbers only (booleans and
-        strings are skipped, and a bucket without numbers is left out); count counts every
-        point. Numeric aggregates are floats, counts ints.
-        """
-        _common.check_query(query)
-        direction = "DESC" if query.order == "desc" else "ASC"
-
-        def run() -> dict[str, list[tuple[int, Scalar]]]:
-            db = self._db
-            self._device_row(scope, device_id)
-            keys = self._keys(device_id, query.keys)
-            if not keys or query.end <= query.start or query.limit == 0:
-                return {}
-            result: dict[str, list[tuple[int, Scalar]]] = {}
-            if query.agg == "none":
-                for key in keys:
-                    rows = db.execute(
-                        f"SELECT ts, {_VALUE_COLS} FROM telemetry"
-                        " WHERE device_id = ? AND key = ? AND ts >= ? AND ts < ?"
-                        f" ORDER BY ts {direction} LIMIT ?",
-                        (device_id.bytes, key, query.start, query.end, query.limit),
-                    ).fetchall()
-                    if rows:
-                        result[key] = [(r[0], _common.value_from_columns(*r[1:])) for r in rows]
-                return result
-            convert: Callable[[Any], Scalar] = int if query.agg == "count" else float
-            iv = query.interval_ms
-            for i in range(0, len(keys), _CHUNK):
-                chunk = keys[i : i + _CHUNK]
-                names = {f"k{j}": key for j, key in enumerate(chunk)}
-                rows = db.execute(
-                    f"""
-                    WITH p AS (
-                        SELECT key, ts - ((ts % :iv) + :iv) % :iv AS bucket,
-                               coalesce(num_value, int_value) AS num
-                        FROM telemetry
-                        WHERE device_id = :dev AND key IN ({", ".join(":" + n for n in names)})
-                          AND ts >= :start AND ts < :end
-                    ), g AS (
-                        SELECT key, bucket, {_AGG_SQL[query.agg]} AS value
-                        FROM p GROUP BY key, bucket
-                        HAVING {"1" if query.agg == "count" else "count(num) > 0"}
-                    ), r AS (
-                        SELECT key, bucket, value, row_number() OVER
-                               (PARTITION BY key ORDER BY bucket {direction}) AS n
-                        FROM g
-                    )
-                    SELECT key, bucket, value FROM r WHERE n <= :limit
-                    ORDER BY key, bucket {direction}
-                    """,
-                    {
-                        "iv": iv,
-                        "dev": device_id.bytes,
-                        "start": query.start,
-                        "end": query.end,
-                        "limit": query.limit,
-                        **names,
-                    },
-                ).fetchall()
-                for key, bucket, value in rows:
-                    result.setdefault(key, []).append((bucket, convert(value)))
-            return result
-
-        return await self._call(run)
-
-    def _keys(self, device_id: UUID, keys: tuple[str, ...] | None) -> list[str]:
-        if keys is not None:
-            return list(dict.fromkeys(keys))
-        # Every key ever written has a latest row: far cheaper than scanning telemetry.
-        rows = self._db.execute(
-            "SELECT key FROM telemetry_latest WHERE device_id = ? ORDER BY key",
-            (device_id.bytes,),
-        )
-        return [r[0] for r in rows]
-
-    async def latest(
-        self, scope: Scope, device_id: UUID, keys: Sequence[str] | None = None
-    ) -> dict[str, Point]:
-        """The newest point (largest ts) of each key of a device."""
-        wanted = None if keys is None else set(keys)
-
-        def run() -> dict[str, Point]:
-            self._device_row(scope, device_id)
-            rows = self._db.execute(
-                f"SELECT key, ts, {_VALUE_COLS} FROM telemetry_latest"
-                " WHERE device_id = ? ORDER BY key",
-                (device_id.bytes,),
-            )
-            return {
-                r[0]: Point(r[0], r[1], _common.value_from_columns(*r[2:]))
-                for r in rows
-                if wanted is None or r[0] in wanted
-            }
-
-        return await self._call(run)
-
-    async def delete_telemetry_before(self, tenant_id: UUID, before_ts: int) -> int:
-        """Delete a tenant's raw telemetry older than `before_ts`; returns rows removed.
-
-        Works in small batches, each its own short write transaction, one (device, key)
-        range of the primary key at a time: the write lock is released between batches, so
-        ingestion keeps committing while old data goes.
-        """
-        batch = 5000  # rows per write transaction: a few tens of ms of write lock at most
-
-        def series() -> list[tuple[bytes, str]]:
-            # Every key ever written has a latest row (kept by retention): the index ranges.
-            return [
-                (r[0], r[1])
-                for r in self._db.execute(
-                    "SELECT l.device_id, l.key FROM telemetry_latest l"
-                    " JOIN devices d ON d.id = l.device_id WHERE d.tenant_id = ?"
-                    " ORDER BY l.device_id, l.key",
-                    (tenant_id.bytes,),
-                )
-            ]
-
-        def chunk(device_id: bytes, key: str) -> int:
-            with _transaction(self._db):
-                # The batch ends at the batch-th oldest expired point (ts is unique within
-                # a series), so each DELETE is one bounded index range.
-                cursor = self._db.execute(
-                    "DELETE FROM telemetry WHERE device_id = :d AND key = :k AND ts <"
-                    " coalesce((SELECT ts + 1 FROM telemetry WHERE device_id = :d AND key = :k"
-                    "  AND ts < :before ORDER BY ts LIMIT 1 OFFSET :n - 1), :before)",
-                    {"d": device_id, "k": key, "before": before_ts, "n": batch},
-                )
-                return cursor.rowcount
-
-        removed = 0
-        for device_id, key in await self._call(series):
-            while True:
-                # One call per batch: other store calls run between them on the worker.
-                deleted = await self._call(chunk, device_id, key)
-                removed += deleted
-                if deleted < batch:
-                    break
-        return removed
 
 
 def _device_error(exc: sqlite3.IntegrityError, name: str, tenant_id: UUID) -> Exception:

@@ -1,0 +1,53 @@
+"""PostgreSQL connections: the errors that mean "unavailable", and resetting pooled ones."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+# Errors that mean "the server cannot be reached or the connection broke": the operation
+# did not complete and may be retried later.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    # asyncpg raises this for a pooled connection whose backend was terminated while idle
+    # (MagicStack/asyncpg#784, #1069): a dead connection like any other.
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    OSError,
+    TimeoutError,
+)
+# A pooled connection that died while idle (server restart, pg_terminate_backend) or a
+# transaction that lost a deadlock: retrying an idempotent operation once at once hides it.
+_RETRY_ONCE: tuple[type[BaseException], ...] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+# Transient conflicts between transactions: after the retry they count as "unavailable".
+_TRANSIENT = (*_UNAVAILABLE, *_RETRY_ONCE)
+
+
+async def _reset_connection(conn: Any) -> None:
+    """Make a connection fit for the next caller when it goes back to the pool.
+
+    asyncpg's default reset runs `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+    ALL` on every release: one more round trip per call, for session features this store
+    never uses (its advisory lock is transaction-scoped). Only an open transaction, which
+    an interrupted call may leave behind, needs undoing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+def _describe(url: str) -> str:
+    """host:port/db of a URL, without the password, for messages."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
