@@ -19,11 +19,14 @@ from iiot.adapters.base import Component
 from iiot.bus import CommandRouter, LiveBus
 from iiot.codec import Limits
 from iiot.config import Settings
+from iiot.device_identity import DeviceIdentity
 from iiot.errors import Conflict
 from iiot.ingest import Ingestor
 from iiot.metrics import Metrics
 from iiot.model import Role
 from iiot.pipeline import Pipeline, PipelineSettings
+from iiot.presence import Presence
+from iiot.presence_tracker import PresenceTracker
 from iiot.registry import DeviceRegistry
 from iiot.security import hash_password
 from iiot.services import HealthBoard, Services
@@ -41,7 +44,8 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
     """The enabled components for a role, in start order (HTTP last, so it stops first)."""
     settings = services.settings
     health = services.health
-    components: list[Component] = []
+    # Presence first: it stops last, after every adapter has closed its devices' links.
+    components: list[Component] = [PresenceTracker(services)]
     if role in ("all", "ingest"):
         if settings.opcua_port:
             from iiot.adapters.opcua import OpcUaServer
@@ -133,11 +137,13 @@ class Platform:
                     ),
                 )
             )
+            presence = Presence()
             ingestor = Ingestor(
                 registry,
                 pipeline,
                 metrics,
                 Limits(settings.max_message_bytes, settings.max_points_per_message),
+                presence,
             )
             self._services = Services(
                 settings=settings,
@@ -149,6 +155,8 @@ class Platform:
                 ingestor=ingestor,
                 commands=CommandRouter(),
                 health=HealthBoard(),
+                identity=DeviceIdentity(store, bus),
+                presence=presence,
             )
             for component in build_components(self._services, self.role):
                 await self._stack.enter_async_context(component)

@@ -79,6 +79,11 @@ _TABLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("status", "text"),
             ("token_hash", "text"),
             ("created_at", "int"),
+            ("type", "text"),
+            ("gateway_id", "uuid"),
+            ("last_seen", "int"),
+            ("connected", "bool"),
+            ("cert_fingerprint", "text"),
         ),
     ),
     *(

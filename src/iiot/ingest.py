@@ -23,6 +23,7 @@ from iiot.errors import (
 from iiot.metrics import Metrics
 from iiot.model import Device, DevicePoints, Point
 from iiot.pipeline import Done, Pipeline
+from iiot.presence import Presence
 from iiot.registry import DeviceRegistry
 
 __all__ = ["Decoder", "Ingestor", "refusal_reason"]
@@ -51,8 +52,14 @@ class Ingestor:
     """Turns a device's raw message into committed points."""
 
     def __init__(
-        self, registry: DeviceRegistry, pipeline: Pipeline, metrics: Metrics, limits: Limits
+        self,
+        registry: DeviceRegistry,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        limits: Limits,
+        presence: Presence | None = None,
     ) -> None:
+        self.presence = Presence() if presence is None else presence
         self.registry = registry
         self.pipeline = pipeline
         self.metrics = metrics
@@ -124,7 +131,9 @@ class Ingestor:
         try:
             if device.disabled:
                 raise DeviceDisabled(f"device {device.name!r} is disabled")
-            points = decode(body, int(time.time() * 1000), self.limits)
+            now_ms = int(time.time() * 1000)
+            self.presence.seen(device.id, now_ms)  # refused messages count: the device is there
+            points = decode(body, now_ms, self.limits)
         except (DeviceDisabled, InvalidPayload) as exc:
             self.refused(protocol, exc, counted=True)
             raise

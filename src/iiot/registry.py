@@ -169,11 +169,20 @@ class DeviceRegistry:
             del self._by_token[token_hash]
 
     # --- changes -----------------------------------------------------------------------
-    async def create_device(self, tenant_id: UUID, name: str) -> tuple[Device, str]:
+    async def create_device(
+        self,
+        tenant_id: UUID,
+        name: str,
+        *,
+        type: str = "default",
+        gateway_id: UUID | None = None,
+    ) -> tuple[Device, str]:
         """Create a device; returns it with its token (shown once, stored as a hash)."""
         token = new_device_token()
         token_hash = hash_token(token)
-        device = await self._store.create_device(tenant_id, name, token_hash)
+        device = await self._store.create_device(
+            tenant_id, name, token_hash, type=type, gateway_id=gateway_id
+        )
         self._remember(token_hash, device, time.monotonic())
         self._bus.publish(DeviceEvent("created", device))
         return device, token
@@ -188,10 +197,18 @@ class DeviceRegistry:
         return device, token
 
     async def update_device(
-        self, scope: Scope, device_id: UUID, *, name: str | None = None, status: str | None = None
+        self,
+        scope: Scope,
+        device_id: UUID,
+        *,
+        name: str | None = None,
+        status: str | None = None,
+        type: str | None = None,
     ) -> Device:
-        """Rename a device or change its status."""
-        device = await self._store.update_device(scope, device_id, name=name, status=status)
+        """Rename a device, change its status or its type."""
+        device = await self._store.update_device(
+            scope, device_id, name=name, status=status, type=type
+        )
         self.forget(device_id)
         self._bus.publish(DeviceEvent("updated", device))
         return device

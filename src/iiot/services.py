@@ -7,10 +7,12 @@ from typing import Literal
 
 from iiot.bus import CommandRouter, LiveBus
 from iiot.config import Settings
+from iiot.device_identity import DeviceIdentity
 from iiot.ingest import Ingestor
 from iiot.links import DeviceInbox, DeviceLinks, UnsupportedInbox
 from iiot.metrics import Metrics
 from iiot.pipeline import Pipeline
+from iiot.presence import Presence
 from iiot.registry import DeviceRegistry
 from iiot.storage.base import Store
 
@@ -51,6 +53,10 @@ class Services:
     ingestor: Ingestor
     commands: CommandRouter
     health: HealthBoard
+    # Certificate logins and gateway children (`device_identity.py`).
+    identity: DeviceIdentity
     # The way back to devices: adapters attach links; services push and receive through them.
     links: DeviceLinks = field(default_factory=DeviceLinks)
     inbox: DeviceInbox = field(default_factory=UnsupportedInbox)
+    # Messages seen per device, written in batches by the presence tracker.
+    presence: Presence = field(default_factory=Presence)

@@ -22,7 +22,9 @@ import asyncpg
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common, pg_latest
-from iiot.storage.base import Page, Scope
+from iiot.storage.base import DeviceFilter, Page, Scope
+from iiot.storage.device_filters import device_where
+from iiot.storage.postgres_devices import DEVICE_COLS, PostgresDevices, device_from_row
 from iiot.storage.postgres_pool import (
     _RETRY_ONCE,
     _TRANSIENT,
@@ -52,7 +54,7 @@ _MIGRATION_LOCK = 7_402_315_001
 
 _TENANT_COLS = "id, name, created_at, retention_days"
 _USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
-_DEVICE_COLS = "id, tenant_id, name, status, created_at"
+_DEVICE_COLS = DEVICE_COLS
 
 
 def _tenant(row: Any) -> Tenant:
@@ -70,11 +72,10 @@ def _user(row: Any) -> User:
     )
 
 
-def _device(row: Any) -> Device:
-    return Device(row["id"], row["tenant_id"], row["name"], row["status"], row["created_at"])
+_device = device_from_row
 
 
-class PostgresStore(PostgresTelemetry):
+class PostgresStore(PostgresTelemetry, PostgresDevices):
     """The `Store` on PostgreSQL (asyncpg pool); reusable, not reentrant."""
 
     def __init__(
@@ -440,19 +441,31 @@ class PostgresStore(PostgresTelemetry):
         await self._run(op, retry=False)
 
     # --- devices -----------------------------------------------------------------------
-    async def create_device(self, tenant_id: UUID, name: str, token_hash: str) -> Device:
+    async def create_device(
+        self,
+        tenant_id: UUID,
+        name: str,
+        token_hash: str,
+        *,
+        type: str = "default",
+        gateway_id: UUID | None = None,
+    ) -> Device:
         """Create an `active` device; `Conflict` if the name is taken in the tenant."""
 
         async def op(conn: Any) -> Device:
             try:
                 row = await conn.fetchrow(
-                    "INSERT INTO devices (id, tenant_id, name, status, token_hash, created_at)"
-                    f" VALUES ($1, $2, $3, 'active', $4, $5) RETURNING {_DEVICE_COLS}",
+                    "INSERT INTO devices"
+                    " (id, tenant_id, name, status, token_hash, created_at, type, gateway_id)"
+                    " VALUES ($1, $2, $3, 'active', $4, $5, $6, $7)"
+                    f" RETURNING {_DEVICE_COLS}",
                     uuid4(),
                     tenant_id,
                     name,
                     token_hash,
                     _common.now_ms(),
+                    type,
+                    gateway_id,
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise _device_conflict(exc, name) from exc
@@ -493,24 +506,32 @@ class PostgresStore(PostgresTelemetry):
 
         return await self._run(op)
 
-    async def list_devices(self, scope: Scope, limit: int, offset: int) -> Page[Device]:
-        """Devices visible in the scope, by name."""
+    async def list_devices(
+        self, scope: Scope, limit: int, offset: int, filters: DeviceFilter | None = None
+    ) -> Page[Device]:
+        """Devices visible in the scope (and matching the filter), by name."""
         _common.check_page(limit, offset)
+        args: list[Any] = []
+
+        def param(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        where = device_where(scope, filters, param, uuid=lambda u: u, like="ILIKE")
+        page_args = [*args, limit, offset]
+        n = len(args)
 
         async def op(conn: Any) -> Page[Device]:
-            where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
             # The total comes with the page (one round trip); only a page past the end
             # needs its own count.
             rows = await conn.fetch(
                 f"SELECT {_DEVICE_COLS}, count(*) OVER () AS total FROM devices {where}"
-                " ORDER BY name, id LIMIT $2 OFFSET $3",
-                scope,
-                limit,
-                offset,
+                f" ORDER BY name, id LIMIT ${n + 1} OFFSET ${n + 2}",
+                *page_args,
             )
             if rows:
                 return Page([_device(r) for r in rows], int(rows[0]["total"]))
-            total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", scope)
+            total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", *args)
             return Page([], int(total))
 
         return await self._run(op)
@@ -522,19 +543,22 @@ class PostgresStore(PostgresTelemetry):
         *,
         name: str | None = None,
         status: str | None = None,
+        type: str | None = None,
     ) -> Device:
-        """Rename a device or change its status."""
+        """Rename a device, change its status or its type."""
 
         async def op(conn: Any) -> Device:
             try:
                 row = await conn.fetchrow(
-                    "UPDATE devices SET name = coalesce($3, name), status = coalesce($4, status)"
+                    "UPDATE devices SET name = coalesce($3, name), status = coalesce($4, status),"
+                    " type = coalesce($5, type)"
                     " WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)"
                     f" RETURNING {_DEVICE_COLS}",
                     device_id,
                     scope,
                     name,
                     status,
+                    type,
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise _device_conflict(exc, name or "") from exc

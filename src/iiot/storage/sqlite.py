@@ -22,7 +22,9 @@ from uuid import UUID, uuid4
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common
-from iiot.storage.base import Page, Scope
+from iiot.storage.base import DeviceFilter, Page, Scope
+from iiot.storage.device_filters import device_where
+from iiot.storage.sqlite_devices import DEVICE_COLS, SqliteDevices, device_from_row
 
 # Helpers that moved with the telemetry code, still at hand for the methods here.
 from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction  # noqa: F401
@@ -48,7 +50,7 @@ _UNAVAILABLE_CODES = {
 
 _TENANT_COLS = "id, name, created_at, retention_days"
 _USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
-_DEVICE_COLS = "id, tenant_id, name, status, created_at"
+_DEVICE_COLS = DEVICE_COLS
 
 
 def _uuid(value: bytes | None) -> UUID | None:
@@ -74,8 +76,7 @@ def _user(row: Any) -> User:
     )
 
 
-def _device(row: Any) -> Device:
-    return Device(UUID(bytes=row[0]), UUID(bytes=row[1]), row[2], row[3], row[4])
+_device = device_from_row
 
 
 def _split_statements(script: str) -> list[str]:
@@ -95,7 +96,7 @@ def _split_statements(script: str) -> list[str]:
     return statements
 
 
-class SqliteStore(SqliteTelemetry):
+class SqliteStore(SqliteTelemetry, SqliteDevices):
     """The `Store` on an SQLite file; reusable, not reentrant."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
@@ -399,15 +400,24 @@ class SqliteStore(SqliteTelemetry):
         await self._call(run)
 
     # --- devices -----------------------------------------------------------------------
-    async def create_device(self, tenant_id: UUID, name: str, token_hash: str) -> Device:
+    async def create_device(
+        self,
+        tenant_id: UUID,
+        name: str,
+        token_hash: str,
+        *,
+        type: str = "default",
+        gateway_id: UUID | None = None,
+    ) -> Device:
         """Create an `active` device; `Conflict` if the name is taken in the tenant."""
 
         def run() -> Device:
-            device = Device(uuid4(), tenant_id, name, "active", _common.now_ms())
+            device = Device(uuid4(), tenant_id, name, "active", _common.now_ms(), type, gateway_id)
             try:
                 self._db.execute(
-                    "INSERT INTO devices (id, tenant_id, name, status, token_hash, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO devices"
+                    " (id, tenant_id, name, status, token_hash, created_at, type, gateway_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         device.id.bytes,
                         tenant_id.bytes,
@@ -415,6 +425,8 @@ class SqliteStore(SqliteTelemetry):
                         device.status,
                         token_hash,
                         device.created_at,
+                        type,
+                        _blob(gateway_id),
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -449,12 +461,20 @@ class SqliteStore(SqliteTelemetry):
 
         return await self._call(run)
 
-    async def list_devices(self, scope: Scope, limit: int, offset: int) -> Page[Device]:
-        """Devices visible in the scope, by name."""
+    async def list_devices(
+        self, scope: Scope, limit: int, offset: int, filters: DeviceFilter | None = None
+    ) -> Page[Device]:
+        """Devices visible in the scope (and matching the filter), by name."""
         _common.check_page(limit, offset)
+        args: list[Any] = []
+
+        def param(value: Any) -> str:
+            args.append(value)
+            return "?"
+
+        where = device_where(scope, filters, param, uuid=_blob, like="LIKE")
 
         def run() -> Page[Device]:
-            where, args = ("", ()) if scope is None else ("WHERE tenant_id = ?", (scope.bytes,))
             total = self._db.execute(f"SELECT count(*) FROM devices {where}", args).fetchone()
             rows = self._db.execute(
                 f"SELECT {_DEVICE_COLS} FROM devices {where} ORDER BY name, id LIMIT ? OFFSET ?",
@@ -471,16 +491,22 @@ class SqliteStore(SqliteTelemetry):
         *,
         name: str | None = None,
         status: str | None = None,
+        type: str | None = None,
     ) -> Device:
-        """Rename a device or change its status."""
+        """Rename a device, change its status or its type."""
 
         def run() -> Device:
             with _transaction(self._db):
                 current = self._device_row(scope, device_id)
                 try:
                     self._db.execute(
-                        "UPDATE devices SET name = ?, status = ? WHERE id = ?",
-                        (name or current.name, status or current.status, device_id.bytes),
+                        "UPDATE devices SET name = ?, status = ?, type = ? WHERE id = ?",
+                        (
+                            name or current.name,
+                            status or current.status,
+                            type or current.type,
+                            device_id.bytes,
+                        ),
                     )
                 except sqlite3.IntegrityError as exc:
                     raise _device_error(exc, name or "", current.tenant_id) from exc
