@@ -20,7 +20,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
+from iiot.errors import Conflict, InvalidPayload, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
 from iiot.storage import _common, pg_latest
 from iiot.storage.base import Page, Scope, TelemetryQuery
@@ -814,7 +814,12 @@ class PostgresStore:
                 return await self._write_transaction(conn, rows, merge=True)
 
         # Idempotent by design, so a broken idle connection is retried at once.
-        written = await self._run(op)
+        try:
+            written = await self._run(op)
+        except asyncpg.DataError as exc:
+            # A value PostgreSQL cannot hold: refused for good (the pipeline then finds
+            # the message that carries it and refuses only that one).
+            raise InvalidPayload(f"the database refused a value: {exc}") from None
         self._latest.committed(written.device_ids, written.newest)
 
     async def _write_transaction(
