@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from iiot.errors import ConfigError
+from iiot.redact import redact_secrets
 
 __all__ = ["Settings", "load_settings"]
 
@@ -217,7 +218,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[name] = parser(text)
         except ValueError:
             raise ConfigError(
-                f"{source}={text!r} is not valid: expected {parser.__doc__}"
+                f"{source}={redact_secrets(text)!r} is not valid: expected {parser.__doc__}"
             ) from None
     return Settings(**values)
 

@@ -30,7 +30,7 @@ async def _world(api: Api) -> dict[str, Any]:
         user, user_headers = await api.user(f"{name}-user", "tenant_user", tenant["id"])
         device = await api.device(admin_headers, f"{name}-device")
         answer = await api.client.post(
-            f"/api/v1/{device['token']}/telemetry", json={"ts": 1000, "values": {"v": 1}}
+            f"/api/v1/{device['token']}/telemetry", json={"ts": 1767225601000, "values": {"v": 1}}
         )
         assert answer.status_code == 200
         world[name] = {

@@ -210,7 +210,7 @@ class _Collector:
 
 async def test_subscription_receives_values_sent_over_http(world: World) -> None:
     device = await world.device(world.acme)
-    await world.send(device, {"ts": 1000, "values": {"speed": 1.0}})
+    await world.send(device, {"ts": 1767225601000, "values": {"speed": 1.0}})
     async with world.client() as client:
         ns, node = await device_node(client, "acme", device["name"])
         speed = await node.get_child(f"{ns}:speed")
@@ -219,13 +219,13 @@ async def test_subscription_receives_values_sent_over_http(world: World) -> None
         await subscription.subscribe_data_change(speed)
         first, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)  # the current value
         assert first == 1.0
-        await world.send(device, {"ts": 2000, "values": {"speed": 42.5}})
+        await world.send(device, {"ts": 1767225602000, "values": {"speed": 42.5}})
         value, dv = await asyncio.wait_for(collector.values.get(), WAIT_S)
         assert value == 42.5
-        assert dv.SourceTimestamp == datetime.datetime.fromtimestamp(2, datetime.UTC)
+        assert dv.SourceTimestamp == datetime.datetime.fromtimestamp(1767225602, datetime.UTC)
         # A late, older point is stored but does not replace the latest value.
-        await world.send(device, {"ts": 1500, "values": {"speed": 0.0}})
-        await world.send(device, {"ts": 3000, "values": {"speed": 7.0}})
+        await world.send(device, {"ts": 1767225601500, "values": {"speed": 0.0}})
+        await world.send(device, {"ts": 1767225603000, "values": {"speed": 7.0}})
         value, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
         assert value == 7.0
         await subscription.delete()
@@ -328,7 +328,7 @@ async def test_history_read_10000_points_page_by_page(world: World) -> None:
 async def test_another_tenants_nodes_are_hidden_and_refused(world: World) -> None:
     device = await world.device(world.acme)
     await world.device(world.globex)  # a tenant's folder appears with its first device
-    await world.send(device, {"ts": 5000, "values": {"secret": 1.0}})
+    await world.send(device, {"ts": 1767225605000, "values": {"secret": 1.0}})
     async with world.client() as admin:
         ns, node = await device_node(admin, "acme", device["name"])
         secret_id = (await node.get_child(f"{ns}:secret")).nodeid

@@ -13,7 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
-from iiot.errors import NotFound
+from iiot.errors import InvalidPayload, NotFound
 from iiot.model import Device, DevicePoints, Point, Scalar
 from iiot.storage import _common, pg_latest
 from iiot.storage.base import Scope, TelemetryQuery
@@ -243,7 +243,12 @@ class PostgresTelemetry:
                 return await self._write_transaction(conn, rows, merge=True)
 
         # Idempotent by design, so a broken idle connection is retried at once.
-        written = await self._run(op)
+        try:
+            written = await self._run(op)
+        except asyncpg.DataError as exc:
+            # A value PostgreSQL cannot hold: refused for good (the pipeline then finds
+            # the message that carries it and refuses only that one).
+            raise InvalidPayload(f"the database refused a value: {exc}") from None
         self._latest.committed(written.device_ids, written.newest)
 
     async def _write_transaction(
