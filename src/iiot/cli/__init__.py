@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from iiot import __version__
-from iiot.cli import devices, mosquitto, platform, tenants, users
+from iiot.cli import devices, mosquitto, opcua, platform, tenants, users
 from iiot.config import load_settings
 from iiot.errors import IIoTError
 
@@ -23,7 +23,7 @@ __all__ = ["main"]
 log = logging.getLogger("iiot")
 
 # Command groups in the order `iiot --help` lists them.
-_GROUPS = (platform, tenants, users, devices, mosquitto)
+_GROUPS = (platform, tenants, users, devices, opcua, mosquitto)
 
 
 def _configure_logging(level: str) -> None:
@@ -58,8 +58,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(settings.log_level)
         args.handler(settings, args)
     except IIoTError as exc:
-        print(f"iiot: error: {exc}", file=sys.stderr)
+        print(f"iiot: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # an error nobody foresaw is still one line, not a traceback
+        log.debug("command failed", exc_info=True)  # IIOT_LOG_LEVEL=DEBUG shows where
+        print(f"iiot: error: {_describe(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _describe(exc: BaseException) -> str:
+    """One line saying what went wrong, for an unexpected exception."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return _one_line(f"{exc.strerror}{where}")
+    text = str(exc)
+    return _one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from iiot.cli.common import with_store
+from iiot.cli.common import require_database, with_store
 from iiot.config import Settings
 from iiot.errors import InvalidRequest
 from iiot.runtime import tune_garbage_collector
@@ -66,7 +66,7 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     async def action(store: Store) -> None:
         print(f"database schema is up to date ({settings.effective_database_url.split(':')[0]})")
 
-    asyncio.run(with_store(settings, action))
+    asyncio.run(with_store(settings, action, create=True))
 
 
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> None:
@@ -103,6 +103,7 @@ def _event_loop_factory(role: str) -> Callable[[], asyncio.AbstractEventLoop] | 
 def _cmd_backup(settings: Settings, args: argparse.Namespace) -> None:
     from iiot.backup import backup
 
+    require_database(settings)
     manifest = asyncio.run(backup(settings.effective_database_url, Path(args.path)))
     print(f"backup written to {args.path}: {manifest.summary()}")
 
