@@ -21,6 +21,7 @@ from iiot.codec import Limits
 from iiot.config import Settings
 from iiot.device_identity import DeviceIdentity
 from iiot.errors import Conflict
+from iiot.filemodes import secure_data_dir
 from iiot.ingest import Ingestor
 from iiot.metrics import Metrics
 from iiot.model import Role
@@ -84,6 +85,10 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
         from iiot.livebridge import LiveBridge
 
         components.append(LiveBridge(services))
+    from iiot.changefeed import ChangeFeed  # changes made by `iiot` commands meanwhile
+
+    if ChangeFeed.wanted(settings, role):
+        components.append(ChangeFeed(services))
     if role == "ingest" and settings.http_port:  # supervisors still need /healthz
         from iiot.ops_http import OpsHttpServer
 
@@ -115,6 +120,7 @@ class Platform:
     async def __aenter__(self) -> Self:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(settings.data_dir)
         try:
             store = await self._stack.enter_async_context(
                 open_store(settings.effective_database_url)
@@ -209,6 +215,7 @@ async def run_platform(settings: Settings, role: RunRole = "all") -> None:
             log.info("platform ready (role %s)", role)
             await stop.wait()
             log.info("stopping")
+        log.info("stopped")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):

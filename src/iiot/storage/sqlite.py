@@ -20,6 +20,7 @@ from typing import Any, Self, TypeVar
 from uuid import UUID, uuid4
 
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
+from iiot.filemodes import secure_file
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common
 from iiot.storage.base import DeviceFilter, Page, Scope
@@ -134,7 +135,9 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
 
     def _open(self) -> None:
         if self._path != ":memory:" and not self._path.startswith("file:"):
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self._path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # It holds password and token hashes; SQLite gives -wal/-shm the same mode.
+            secure_file(Path(self._path))
         conn = sqlite3.connect(
             self._path, timeout=self._busy_timeout, isolation_level=None, uri=True
         )
