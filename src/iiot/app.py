@@ -64,6 +64,9 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
             from iiot.adapters.mqtt import MqttAdapter
 
             components.append(MqttAdapter(services))
+            from iiot.adapters.mqtt_broker_stats import BrokerStats
+
+            components.append(BrokerStats(services))
         elif settings.mqtt_port:
             from iiot.adapters.broker import EmbeddedBroker
 

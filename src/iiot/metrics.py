@@ -52,6 +52,13 @@ class Metrics:
         self.redeliveries = Counter(
             "iiot_redeliveries", "Messages the broker delivered again", ["protocol"], registry=r
         )
+        self.mqtt_broker_dropped = Gauge(
+            "iiot_mqtt_broker_dropped_messages",
+            "Messages the external MQTT broker reports it dropped"
+            " ($SYS/broker/publish/messages/dropped); no series until it reports one",
+            ["broker"],
+            registry=r,
+        )
         self.connections = Gauge(
             "iiot_connections", "Open client connections", ["protocol"], registry=r
         )

@@ -231,6 +231,46 @@ async def test_subscription_receives_values_sent_over_http(world: World) -> None
         await subscription.delete()
 
 
+async def test_a_burst_is_coalesced_to_the_newest_value_for_readers_and_subscribers(
+    world: World,
+) -> None:
+    device = await world.device(world.acme)
+    T0 = 1_767_225_600_000
+    await world.send(device, {"ts": T0 + 1000, "values": {"level": 0.0, "mode": "idle"}})
+    async with world.client() as client:
+        ns, node = await device_node(client, "acme", device["name"])
+        level = await eventually(lambda: _child(node, f"{ns}:level"))
+        collector = _Collector()
+        subscription = await client.create_subscription(50, collector)
+        await subscription.subscribe_data_change(level)
+        first, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
+        assert first == 0.0
+        # 200 values in one request, then 20 more requests: the newest one is what counts.
+        burst = [{"ts": T0 + 2000 + i, "values": {"level": float(i)}} for i in range(200)]
+        await world.send(device, burst)
+        for i in range(200, 220):
+            await world.send(device, {"ts": T0 + 2000 + i, "values": {"level": float(i)}})
+        # A read sees the newest committed value at once (it is served on read).
+        dv = await level.read_data_value()
+        assert dv.Value.Value == 219.0
+        assert dv.SourceTimestamp == datetime.datetime.fromtimestamp(
+            (T0 + 2219) / 1000, datetime.UTC
+        )
+        # The subscription ends on the newest value (intermediate ones may be coalesced).
+        seen: list[float] = []
+        while not seen or seen[-1] != 219.0:
+            value, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
+            seen.append(value)
+        assert seen == sorted(seen) and len(seen) < 220
+        # A key that changes type keeps working: the new type is read and notified.
+        await world.send(device, {"ts": T0 + 3000, "values": {"level": "full"}})
+        value, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
+        assert value == "full"
+        assert (await level.read_data_value()).Value.VariantType == ua.VariantType.String
+        assert await (await node.get_child(f"{ns}:mode")).read_value() == "idle"
+        await subscription.delete()
+
+
 # --- SetStatus -----------------------------------------------------------------------------
 async def test_set_status_changes_the_device_in_the_platform(world: World) -> None:
     device = await world.device(world.acme)

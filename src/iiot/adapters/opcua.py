@@ -21,6 +21,7 @@ from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import CURRENT_USER, NodeOwners, TenantInternalServer
 from iiot.adapters.opcua_auth import PlatformUserManager
 from iiot.adapters.opcua_history import StoreHistory
+from iiot.adapters.opcua_live import PUBLISH_INTERVAL_S
 from iiot.adapters.opcua_pki import APPLICATION_URI, Pki
 from iiot.adapters.opcua_space import AddressSpaceSync, MethodCallback
 from iiot.adapters.opcua_transport import PlatformServer
@@ -57,6 +58,7 @@ class OpcUaServer:
         self._sync: AddressSpaceSync | None = None
         self._queue: asyncio.Queue[LiveEvent] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
         self._ns = -1
 
     @property
@@ -129,10 +131,13 @@ class OpcUaServer:
             ) from None
         self._started = True
         self._task = asyncio.create_task(self._follow(self._queue, self._sync), name="opcua-sync")
+        self._publisher = asyncio.create_task(self._publish(self._sync), name="opcua-publish")
         services.health.set(self.name, "up", f"listening on {self._host}:{self._port}")
         services.metrics.component_up.labels(self.name).set(1)
 
     async def _stop(self) -> None:
+        await cancel_and_wait(self._publisher)
+        self._publisher = None
         await cancel_and_wait(self._task)
         self._task = None
         if self._queue is not None:
@@ -153,6 +158,15 @@ class OpcUaServer:
                 log.warning("OPC UA: database unavailable while applying a live event; skipped")
             except Exception:  # one bad event must not stop live values for every client
                 log.exception("OPC UA: cannot apply live event %r", type(event).__name__)
+
+    async def _publish(self, sync: AddressSpaceSync) -> None:
+        """Once per publishing interval, notify subscriptions of the values that changed."""
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            try:
+                await sync.publish()
+            except Exception:  # keep publishing: the next interval may succeed
+                log.exception("OPC UA: cannot publish live values")
 
     def _locate(self, nodeid: ua.NodeId) -> tuple[UUID, str] | None:
         return ids.parse_telemetry_node(self._ns, nodeid)
