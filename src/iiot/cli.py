@@ -35,7 +35,7 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Third-party libraries are chatty at INFO; their warnings still show.
-    for name in ("amqtt", "asyncua", "aiocoap", "aio_pika", "aiormq", "uvicorn", "transitions"):
+    for name in ("asyncua", "aiocoap", "aio_pika", "aiormq", "uvicorn", "transitions"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
@@ -252,7 +252,7 @@ def _event_loop_factory(role: str) -> Callable[[], asyncio.AbstractEventLoop] | 
 
     An API process spends much of its CPU on socket I/O and callbacks, which uvloop does
     in C (figures: docs/performance.md). Ingestion roles keep the default loop: their
-    protocol libraries (aiocoap, asyncua, amqtt) are tested on it.
+    protocol libraries (aiocoap, asyncua) are tested on it.
     """
     if role != "api":
         return None
