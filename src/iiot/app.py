@@ -68,9 +68,9 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
 
             components.append(BrokerStats(services))
         elif settings.mqtt_port:
-            from iiot.adapters.broker import EmbeddedBroker
+            from iiot.adapters.mqtt_server import MqttServer
 
-            components.append(EmbeddedBroker(services))
+            components.append(MqttServer(services))
         else:
             health.set("mqtt", "off", "IIOT_MQTT_PORT=0 and IIOT_MQTT_URL unset")
         if settings.amqp_url:

@@ -86,29 +86,34 @@ async def test_wrong_password_is_refused_and_counted(tmp_path, mqtt_port):
         assert _metric(platform, 'iiot_auth_failures_total{protocol="mqtt"}') == 3
 
 
-async def test_other_devices_topic_is_refused_and_nothing_stored(tmp_path, mqtt_port):
+async def test_other_devices_topic_is_refused_and_nothing_stored(tmp_path, mqtt_port, caplog):
     env = platform_env(tmp_path, IIOT_MQTT_PORT=str(mqtt_port))
     async with running_platform(env) as platform:
         [dev, victim] = await create_devices(platform, 2)
         client = await asyncio.to_thread(connect, mqtt_port, dev.id, dev.token, "intruder")
         granted: list[Any] = []
         subscribed = threading.Event()
+        dropped = threading.Event()
 
         def on_subscribe(c: Any, u: Any, mid: int, reasons: list[Any], p: Any) -> None:
             granted.extend(reasons)
             subscribed.set()
 
         client.on_subscribe = on_subscribe
+        client.on_disconnect = lambda *args: dropped.set()
         try:
-            info = client.publish(f"devices/{victim.id}/telemetry", payload(1), qos=1)
-            # MQTT 3.1.1 has no negative PUBACK: the message is acknowledged and dropped.
-            await asyncio.to_thread(info.wait_for_publish, 10)
             client.subscribe("devices/+/telemetry", qos=1)
             assert await asyncio.to_thread(subscribed.wait, 10)
-            assert granted[0].is_failure
+            assert granted[0].is_failure  # SUBACK 0x80; the connection stays
             # Its own topic still works, so the refusal above was about the topic alone.
             own = client.publish(f"devices/{dev.id}/telemetry", payload(2), qos=1)
             await asyncio.to_thread(own.wait_for_publish, 10)
+            assert own.is_published()
+            # MQTT 3.1.1 has no negative PUBACK: the PUBACK is withheld and the connection
+            # closed (documented), so the device learns the message was not taken.
+            with caplog.at_level(logging.INFO, logger="iiot.adapters.mqtt_server"):
+                client.publish(f"devices/{victim.id}/telemetry", payload(1), qos=1)
+                assert await asyncio.to_thread(dropped.wait, 10)
         finally:
             client.disconnect()
             client.loop_stop()
@@ -116,11 +121,15 @@ async def test_other_devices_topic_is_refused_and_nothing_stored(tmp_path, mqtt_
         assert await store.latest(None, UUID(victim.id)) == {}
         assert (await store.latest(None, UUID(dev.id)))["pressure"].ts == BASE_TS + 2
         refused = 'iiot_messages_refused_total{protocol="mqtt",reason="forbidden_topic"}'
-        for _ in range(100):  # amqtt checks the topic just after the PUBACK
-            if _metric(platform, refused) == 1:
-                break
-            await asyncio.sleep(0.05)
         assert _metric(platform, refused) == 1
+        subscription = (
+            'iiot_messages_refused_total{protocol="mqtt",reason="forbidden_subscription"}'
+        )
+        assert _metric(platform, subscription) == 1
+        assert any(
+            f"may not publish to 'devices/{victim.id}/telemetry'" in r.getMessage()
+            for r in caplog.records
+        )
 
 
 async def test_taken_port_is_one_line_and_the_platform_runs(tmp_path, caplog):

@@ -33,7 +33,7 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # Third-party libraries are chatty at INFO; their warnings still show.
-    for name in ("amqtt", "asyncua", "aiocoap", "aio_pika", "aiormq", "uvicorn", "transitions"):
+    for name in ("asyncua", "aiocoap", "aio_pika", "aiormq", "uvicorn", "transitions"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -89,7 +89,7 @@ def _event_loop_factory(role: str) -> Callable[[], asyncio.AbstractEventLoop] | 
 
     An API process spends much of its CPU on socket I/O and callbacks, which uvloop does
     in C (figures: docs/performance.md). Ingestion roles keep the default loop: their
-    protocol libraries (aiocoap, asyncua, amqtt) are tested on it.
+    protocol libraries (aiocoap, asyncua) are tested on it.
     """
     if role != "api":
         return None
