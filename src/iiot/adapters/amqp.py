@@ -368,7 +368,13 @@ class AmqpAdapter:
         if tag is None:  # only basic.get answers lack a tag; we never send basic.get
             return
         session.settler.begin(tag)
-        if not self._ingest_now(session, message, tag):
+        try:
+            fast = self._ingest_now(session, message, tag)
+        except Exception as exc:  # a bug: refuse this one message, never leave it unsettled
+            log.exception("unexpected error while ingesting an AMQP message")
+            self._in_task(self._refuse_and_settle(session, message, tag, exc))
+            return
+        if not fast:
             self._in_task(self._handle(session, message, tag))
 
     def _in_task(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -400,6 +406,11 @@ class AmqpAdapter:
             session.settler.settle_soon(tag, False)
             return True
         except IIoTError as exc:  # counted already; refuse it in a task
+            self._in_task(self._refuse_and_settle(session, message, tag, exc))
+            return True
+        except Exception as exc:  # a bug (counted as received already): refuse this one
+            log.exception("unexpected error while ingesting an AMQP message")
+            self._services.ingestor.refused(PROTOCOL, exc, counted=True)
             self._in_task(self._refuse_and_settle(session, message, tag, exc))
             return True
         self._fast += 1

@@ -36,7 +36,7 @@ from uuid import UUID
 import mqtt5
 
 from iiot.adapters.mqtt_session import MqttError, MqttSession, Publish
-from iiot.errors import DeviceDisabled, InvalidPayload, NotFound, StorageUnavailable
+from iiot.errors import DeviceDisabled, IIoTError, InvalidPayload, NotFound, StorageUnavailable
 from iiot.model import Device
 from iiot.services import Services
 from iiot.supervisor import Backoff, cancel_and_wait
@@ -191,6 +191,7 @@ class MqttAdapter:
         self._closing = False
         self._down_logged = False
         self._probed = False
+        self.sessions = 0  # connections opened so far (1 + reconnections)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -258,6 +259,7 @@ class MqttAdapter:
             url.host, url.port, connect, self._received, tls=self._tls
         )
         self._session = session
+        self.sessions += 1
         try:
             # Subscribing again is harmless when the session was resumed, and needed when not.
             granted = await session.subscribe(self.topic, qos=1)
@@ -372,6 +374,11 @@ class MqttAdapter:
             self._ack(message, session)
         except StorageUnavailable:  # shutting down: not acked, the broker redelivers it
             self._commits -= 1
+        except Exception as exc:  # a bug must not leave the message unsettled
+            self._commits -= 1
+            log.exception("MQTT message on %r could not be ingested", message.topic)
+            self.services.ingestor.refused(PROTOCOL, exc, counted=True)
+            self._ack(message, session)
 
     def _committed(
         self, error: BaseException | None, message: Publish, session: MqttSession
@@ -386,8 +393,9 @@ class MqttAdapter:
             if not session.closed.done() and not self._closing:
                 # Not acked: the broker keeps the message; retry here with backoff.
                 self._start(self._handle(message, session, retried=True))
-        else:  # refused for good by the store: not acked, logged like the slow path
+        else:  # refused for good by the store: settled (acked), logged like the slow path
             log.error("MQTT message on %r not stored: %s", message.topic, error)
+            self._ack(message, session)
 
     @staticmethod
     def _ack(message: Publish, session: MqttSession) -> None:
@@ -411,6 +419,12 @@ class MqttAdapter:
                     return  # connection gone: the broker redelivers the message
                 # Not acked: the broker keeps the message; retry here with backoff.
                 await asyncio.sleep(backoff.next_delay())
+            except IIoTError as exc:  # refused for good by the store: settle it
+                log.error("MQTT message on %r not stored: %s", message.topic, exc)
+                break
+            except Exception:  # a bug must not leave the message unsettled
+                log.exception("MQTT message on %r could not be ingested", message.topic)
+                break
         self._ack(message, session)
 
     async def _ingest(self, message: Publish) -> None:

@@ -160,7 +160,15 @@ class MqttSession(asyncio.Protocol):
                     break
                 used += size
                 if type(packet) is publish_type:
-                    on_publish(self, packet)
+                    try:
+                        on_publish(self, packet)
+                    except Exception:
+                        # The handler's failure, not the broker's: settle this one
+                        # message instead of dropping the connection (which would only
+                        # bring the same message back, again and again).
+                        log.exception("MQTT: handling a message on %r failed", packet.topic)
+                        if packet.packet_id is not None:
+                            self.ack(packet.packet_id)
                 else:
                     self._control(packet)
         except ValueError as exc:
