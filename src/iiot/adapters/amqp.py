@@ -40,7 +40,7 @@ from aiormq.abc import DeliveredMessage
 
 from iiot.errors import AuthenticationError, IIoTError, StorageUnavailable
 from iiot.ingest import refusal_reason
-from iiot.model import Device
+from iiot.model import Device, DevicePoints
 from iiot.services import Services
 from iiot.supervisor import Backoff, cancel_and_wait, supervise
 
@@ -395,12 +395,11 @@ class AmqpAdapter:
             return False
         if _redelivered(message):
             self._services.metrics.redeliveries.labels(PROTOCOL).inc()
+        ingestor = self._services.ingestor
         try:
-            self._services.ingestor.ingest_nowait(
-                device,
-                message.body,
-                PROTOCOL,
-                lambda error: self._committed(session, message, tag, error),
+            item = ingestor.decode(device, message.body, PROTOCOL)
+            ingestor.commit_nowait(
+                item, PROTOCOL, lambda error: self._committed(session, message, tag, item, error)
             )
         except StorageUnavailable:  # shutting down: give it back to the broker
             session.settler.settle_soon(tag, False)
@@ -417,7 +416,12 @@ class AmqpAdapter:
         return True
 
     def _committed(
-        self, session: _Session, message: DeliveredMessage, tag: int, error: BaseException | None
+        self,
+        session: _Session,
+        message: DeliveredMessage,
+        tag: int,
+        item: DevicePoints,
+        error: BaseException | None,
     ) -> None:
         self._fast -= 1
         if self._fast == 0:
@@ -427,18 +431,48 @@ class AmqpAdapter:
             self._storage_backoff.reset()
         elif isinstance(error, StorageUnavailable):
             self._services.ingestor.refused(PROTOCOL, error, counted=True)
-            self._in_task(self._give_back_later(session, tag, error))
+            self._in_task(self._retry_points(session, message, tag, item))
         else:  # refused for good by the store (an IIoTError) or a bug
             refused = error if isinstance(error, Exception) else Exception(repr(error))
             self._in_task(self._refuse_and_settle(session, message, tag, refused))
 
-    async def _give_back_later(self, session: _Session, tag: int, exc: Exception) -> None:
-        # As in `_process`: keep the message a while, then give it back to the broker.
-        log.debug("storage unavailable, requeueing message: %s", exc)
+    async def _retry_points(
+        self, session: _Session, message: DeliveredMessage, tag: int, item: DevicePoints
+    ) -> None:
+        """Commit a fast-path message's decoded points again after a storage outage."""
+        ack = False  # cancelled or the session lost: give it back to the broker
         try:
             await asyncio.sleep(self._storage_backoff.next_delay())
+            ack = await self._commit_held(session, message, item)
         finally:
-            await self._settle(session, tag, False)
+            await self._settle(session, tag, ack)
+
+    async def _commit_held(
+        self, session: _Session, message: DeliveredMessage, item: DevicePoints
+    ) -> bool:
+        """Commit decoded points, retrying while storage is unavailable; True to ack.
+
+        The message is kept (with its prefetch slot) and its points, stamped once, are
+        retried here: giving it back to the broker would decode it again, and points
+        without `ts` would get a second receipt time, so a copy of the first attempt
+        still landing would make two rows.
+        """
+        while True:
+            try:
+                await self._services.ingestor.commit(item, PROTOCOL)
+            except StorageUnavailable as exc:
+                if session.lost.is_set():
+                    return False  # the broker redelivers it on the next session
+                log.debug("storage unavailable, retrying a held message: %s", exc)
+                await asyncio.sleep(self._storage_backoff.next_delay())
+                continue
+            except IIoTError as exc:
+                return await self._refuse(session, message, exc)
+            except Exception as exc:  # a bug must not leave the message unsettled forever
+                log.exception("unexpected error while ingesting an AMQP message")
+                return await self._refuse(session, message, exc)
+            self._storage_backoff.reset()
+            return True
 
     async def _refuse_and_settle(
         self, session: _Session, message: DeliveredMessage, tag: int, exc: Exception
@@ -470,10 +504,10 @@ class AmqpAdapter:
         if _redelivered(message):
             self._services.metrics.redeliveries.labels(PROTOCOL).inc()
         try:
-            await self._ingest(message)
+            item = await self._decode(message)
         except StorageUnavailable as exc:
-            # Keep the message (and its prefetch slot) a while, then give it back to the
-            # broker: it is redelivered once storage may be back.
+            # The token could not be checked: keep the message (and its prefetch slot) a
+            # while, then give it back to the broker.
             log.debug("storage unavailable, requeueing message: %s", exc)
             await asyncio.sleep(self._storage_backoff.next_delay())
             return False
@@ -482,11 +516,10 @@ class AmqpAdapter:
         except Exception as exc:  # a bug must not leave the message unsettled forever
             log.exception("unexpected error while ingesting an AMQP message")
             return await self._refuse(session, message, exc)
-        self._storage_backoff.reset()
-        return True
+        return await self._commit_held(session, message, item)
 
-    async def _ingest(self, message: DeliveredMessage) -> int:
-        """Authenticate (token must be the routing key's device's), decode, commit."""
+    async def _decode(self, message: DeliveredMessage) -> DevicePoints:
+        """Authenticate (token must be the routing key's device's) and decode."""
         ingestor = self._services.ingestor
         token = _header_text((message.header.properties.headers or {}).get(TOKEN_HEADER))
         device_id = _device_id_of(message.routing_key)
@@ -501,7 +534,7 @@ class AmqpAdapter:
         except AuthenticationError as exc:
             ingestor.refused(PROTOCOL, exc)
             raise
-        return await ingestor.ingest(device, message.body, PROTOCOL)
+        return ingestor.decode(device, message.body, PROTOCOL)
 
     async def _refuse(self, session: _Session, message: DeliveredMessage, exc: Exception) -> bool:
         """Republish to `telemetry.rejected` with the reason; True once the broker has it."""
