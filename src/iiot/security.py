@@ -114,6 +114,7 @@ class AccessClaims:
     role: Role
     tenant_id: UUID | None
     expires_at: int  # Unix seconds
+    version: int = 0  # the user's token version when issued (see User.token_version)
 
 
 class TokenSigner:
@@ -130,13 +131,14 @@ class TokenSigner:
         # full. Who the user is *now* (deleted, role changed) is still read per request.
         self._verified: dict[str, AccessClaims] = {}
 
-    def issue(self, user_id: UUID, role: Role, tenant_id: UUID | None) -> str:
+    def issue(self, user_id: UUID, role: Role, tenant_id: UUID | None, version: int = 0) -> str:
         """A signed access token valid for `ttl_s` seconds."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "sub": str(user_id),
             "role": role.value,
             "tid": None if tenant_id is None else str(tenant_id),
+            "ver": version,
             "iat": now,
             "exp": now + self.ttl_s,
         }
@@ -171,6 +173,7 @@ class TokenSigner:
                 role=Role(claims["role"]),
                 tenant_id=None if claims.get("tid") is None else UUID(str(claims["tid"])),
                 expires_at=int(claims["exp"]),
+                version=int(claims.get("ver", 0)),
             )
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("access token expired: log in again") from None

@@ -131,7 +131,7 @@ LEFT JOIN LATERAL (
 ) AS n ON true
 """
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
+_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
 _DEVICE_COLS = "id, tenant_id, name, status, created_at"
 # Telemetry reads. $1 device, $2 scope, $3 keys (NULL: every key the device has, which all
 # have a row in telemetry_latest), $4 start, $5 end, $6 limit per key. The device's scope
@@ -235,6 +235,7 @@ def _user(row: Any) -> User:
         tenant_id=row["tenant_id"],
         password_hash=row["password_hash"],
         created_at=row["created_at"],
+        token_version=row["token_version"],
     )
 
 
@@ -621,7 +622,8 @@ class PostgresStore:
                     _common.check_user_tenant(Role(role), row["tenant_id"])
                 row = await conn.fetchrow(
                     "UPDATE users SET password_hash = coalesce($2, password_hash),"
-                    f" role = coalesce($3, role) WHERE id = $1 RETURNING {_USER_COLS}",
+                    " role = coalesce($3, role), token_version = token_version + 1"
+                    f" WHERE id = $1 RETURNING {_USER_COLS}",
                     user_id,
                     password_hash,
                     None if role is None else Role(role).value,

@@ -72,7 +72,7 @@ _AGG_SQL = {
     "count": "count(*)",
 }
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
+_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
 _DEVICE_COLS = "id, tenant_id, name, status, created_at"
 
 
@@ -96,6 +96,7 @@ def _user(row: Any) -> User:
         tenant_id=_uuid(row[3]),
         password_hash=row[4],
         created_at=row[5],
+        token_version=row[6],
     )
 
 
@@ -424,7 +425,8 @@ class SqliteStore:
                 new_role = current.role if role is None else Role(role)
                 _common.check_user_tenant(new_role, current.tenant_id)
                 self._db.execute(
-                    "UPDATE users SET password_hash = ?, role = ? WHERE id = ?",
+                    "UPDATE users SET password_hash = ?, role = ?,"
+                    " token_version = token_version + 1 WHERE id = ?",
                     (password_hash or current.password_hash, new_role.value, user_id.bytes),
                 )
                 return self._user_row(scope, user_id)

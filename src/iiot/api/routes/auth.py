@@ -46,7 +46,7 @@ async def login(
         services.metrics.auth_failures.labels("api").inc()
         raise AuthenticationError("wrong username or password")
     state.throttle.succeeded(body.username)
-    token = state.signer.issue(user.id, user.role, user.tenant_id)
+    token = state.signer.issue(user.id, user.role, user.tenant_id, user.token_version)
     return TokenOut(access_token=token, expires_in=state.signer.ttl_s)
 
 
