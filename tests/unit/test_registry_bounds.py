@@ -60,7 +60,7 @@ async def test_forget_uses_a_reverse_index_not_a_scan(tmp_path: Path) -> None:
         for device, _ in devices[:100]:
             registry.forget(device.id)
         assert CountingDict.scans == 0, "forget scanned the whole token cache"
-        for device, token in devices[:100]:
+        for _, token in devices[:100]:
             assert registry.cached_token(token) is None
         for device, token in devices[100:]:
             assert registry.cached_token(token) == device
