@@ -66,6 +66,8 @@ _KEEPALIVE_S = 30
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 1, 30
 _PROBE_TIMEOUT_S = 5.0
 _MAX_TOPICS = 200_000  # topics whose device id is remembered
+# Room beside the payload in a PUBLISH packet: fixed header, topic, packet id, properties.
+_PACKET_OVERHEAD = 4096
 
 
 def telemetry_topic(device_id: str) -> str:
@@ -254,6 +256,8 @@ class MqttAdapter:
             keep_alive=_KEEPALIVE_S,
             session_expiry_interval=SESSION_EXPIRY_S,
             receive_max=RECEIVE_MAXIMUM,
+            # The broker drops (never sends) a message larger than this (MQTT v5 3.1.2.26).
+            max_packet_size=self.services.settings.max_message_bytes + _PACKET_OVERHEAD,
         )
         session, _ = await MqttSession.connect(
             url.host, url.port, connect, self._received, tls=self._tls
@@ -404,9 +408,9 @@ class MqttAdapter:
     @staticmethod
     def _ack(message: Publish, session: MqttSession) -> None:
         # Only on the connection that delivered it: after a reconnect the broker sends
-        # it again, with the same or another packet id.
-        if message.packet_id is not None:  # QoS 1 (QoS 0 has no packet id)
-            session.ack(message.packet_id)
+        # it again, with the same or another packet id. QoS 0 messages are settled too:
+        # the session bounds what it holds, whatever the QoS.
+        session.settle(message)
 
     async def _retry(self, item: DevicePoints, message: Publish, session: MqttSession) -> None:
         """Commit a message's decoded points again after a storage outage, then ack."""
