@@ -7,8 +7,9 @@ after its points are committed. A message whose token is in the device cache is 
 for commit right where it is delivered and settled from the commit callback (no task of
 its own); anything else (uncached token, refusals, storage outages) takes a task. Refused
 messages are republished (persistent, confirmed) to the queue `telemetry.rejected` with
-`x-reject-reason` / `x-reject-message` headers, then acknowledged. Commands go to `iiot`
-with routing key `commands.{device_id}`.
+`x-reject-reason` / `x-reject-message` headers, then acknowledged. Commands go to their own
+exchange, `iiot.commands`, with routing key `commands.{device_id}`: devices need write
+access to `iiot` for telemetry, so commands on `iiot` could be forged by any device.
 
 Reconnection is explicit: every session (connection, channels, topology, consumer) is built
 from scratch under `supervise()`, instead of relying on aio-pika's robust reconnection,
@@ -46,6 +47,7 @@ from iiot.supervisor import Backoff, cancel_and_wait, supervise
 
 __all__ = [
     "BINDING_KEY",
+    "COMMAND_EXCHANGE",
     "EXCHANGE",
     "QUEUE",
     "REJECTED_QUEUE",
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "amqp"
 EXCHANGE = "iiot"
+# Only the platform writes here (devices may read: bind their own queue to their key).
+COMMAND_EXCHANGE = "iiot.commands"
 QUEUE = "telemetry"
 BINDING_KEY = "telemetry.*"
 REJECTED_QUEUE = "telemetry.rejected"
@@ -87,7 +91,7 @@ class _Session:
 
     connection: AbstractConnection
     consume_channel: AbstractChannel
-    exchange: AbstractExchange  # `iiot`, on the confirming publish channel
+    exchange: AbstractExchange  # `iiot.commands`, on the confirming publish channel
     direct: AbstractExchange  # the default exchange, on the confirming publish channel
     queue: AbstractQueue
     channel: aiormq.abc.AbstractChannel  # the consuming channel, below aio-pika
@@ -342,8 +346,9 @@ class AmqpAdapter:
         underlay = await consume_channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(on_lost)
         await consume_channel.set_qos(prefetch_count=self._prefetch)
+        await publish_channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         exchange = await publish_channel.declare_exchange(
-            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            COMMAND_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
         await publish_channel.declare_queue(REJECTED_QUEUE, durable=True)
         queue = await consume_channel.declare_queue(QUEUE, durable=True)
@@ -572,7 +577,7 @@ class AmqpAdapter:
 
     # --- commands ----------------------------------------------------------------------
     async def send_command(self, device: Device, command: dict[str, Any]) -> None:
-        """Publish a persistent JSON command to `commands.{device_id}` on `iiot`."""
+        """Publish a persistent JSON command to `commands.{device_id}` on `iiot.commands`."""
         session = self._session
         if session is None:
             raise BrokerUnavailable(f"RabbitMQ at {_safe_url(self._url)} is not connected")
