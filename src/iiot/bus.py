@@ -74,17 +74,72 @@ class RecordEvent:
 LiveEvent = TelemetryEvent | DeviceEvent | TenantEvent | RecordEvent
 
 
+# Bounds of what live views may hold (item: bounded bus events): a committed batch of up to
+# 5,000 points is published as events of at most this many points, and each subscriber
+# queue holds at most `max_points` points (the oldest events are dropped beyond).
+MAX_EVENT_POINTS = 500
+MAX_QUEUED_POINTS = 200_000
+
+
+def _points(event: LiveEvent) -> int:
+    if isinstance(event, TelemetryEvent):
+        return sum(len(item.points) for item in event.batch)
+    return 0
+
+
+class _EventQueue(asyncio.Queue[LiveEvent]):
+    """An event queue that knows how many points it holds."""
+
+    def __init__(self, maxsize: int, max_points: int) -> None:
+        super().__init__(maxsize)
+        self.points = 0
+        self.max_points = max_points
+
+    def _put(self, item: LiveEvent) -> None:
+        self.points += _points(item)
+        super()._put(item)
+
+    def _get(self) -> LiveEvent:
+        item: LiveEvent = super()._get()
+        self.points -= _points(item)
+        return item
+
+
 class LiveBus:
     """Fan-out of live events to any number of subscribers."""
 
     def __init__(self) -> None:
         self._queues: set[asyncio.Queue[LiveEvent]] = set()
 
-    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[LiveEvent]:
+    def subscribe(
+        self, maxsize: int = 10_000, max_points: int = MAX_QUEUED_POINTS
+    ) -> asyncio.Queue[LiveEvent]:
         """A new queue that receives every event published from now on."""
-        queue: asyncio.Queue[LiveEvent] = asyncio.Queue(maxsize)
+        queue: asyncio.Queue[LiveEvent] = _EventQueue(maxsize, max_points)
         self._queues.add(queue)
         return queue
+
+    def publish_points(self, items: Sequence[DevicePoints]) -> None:
+        """Publish committed points as events of at most `MAX_EVENT_POINTS` points each."""
+        chunk: list[DevicePoints] = []
+        size = 0
+        for item in items:
+            count = len(item.points)
+            if count > MAX_EVENT_POINTS:  # one message larger than an event: split it
+                if chunk:
+                    self.publish(TelemetryEvent(chunk))
+                    chunk, size = [], 0
+                for start in range(0, count, MAX_EVENT_POINTS):
+                    part = item.points[start : start + MAX_EVENT_POINTS]
+                    self.publish(TelemetryEvent((DevicePoints(item.device, part),)))
+                continue
+            if chunk and size + count > MAX_EVENT_POINTS:
+                self.publish(TelemetryEvent(chunk))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += count
+        if chunk:
+            self.publish(TelemetryEvent(chunk))
 
     def unsubscribe(self, queue: asyncio.Queue[LiveEvent]) -> None:
         """Stop delivering events to this queue."""
@@ -92,10 +147,14 @@ class LiveBus:
 
     def publish(self, event: LiveEvent) -> None:
         """Deliver an event to every subscriber without waiting."""
+        points = _points(event)
         for queue in self._queues:
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()  # drop the oldest: live views must not block ingest
+            if isinstance(queue, _EventQueue):
+                while queue.points and queue.points + points > queue.max_points:
+                    queue.get_nowait()  # the same, bounded in points
             queue.put_nowait(event)
 
 

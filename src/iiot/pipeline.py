@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from iiot.bus import LiveBus, TelemetryEvent
+from iiot.bus import LiveBus
 from iiot.errors import IIoTError, StorageUnavailable
 from iiot.metrics import Metrics
 from iiot.model import DevicePoints
@@ -462,11 +462,11 @@ class Pipeline:
                 pairs = zip(flight.items, errors, strict=True)
                 stored = [item for item, error in pairs if error is None]
                 if stored:
-                    self._bus.publish(TelemetryEvent(stored))
+                    self._bus.publish_points(stored)
                 continue
             self._finish(flight.batch, flight.points, flight.error)
             if flight.error is None:
-                self._bus.publish(TelemetryEvent(flight.items))
+                self._bus.publish_points(flight.items)
 
     async def _commit(self, items: list[DevicePoints], points: int) -> BaseException | None:
         """Write a batch, retrying while storage is unavailable; the error if refused."""

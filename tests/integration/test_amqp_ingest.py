@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
-from iiot.adapters.amqp import AmqpAdapter
+from iiot.adapters.amqp import COMMAND_EXCHANGE, AmqpAdapter
 from iiot.app import Platform
 from tests.amqp_support import (
     EXCHANGE,
@@ -174,7 +174,7 @@ async def test_commands_are_published_to_the_device_routing_key(
     async with connection:
         channel = await connection.channel()
         exchange = await channel.declare_exchange(
-            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            COMMAND_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
         inbox = await channel.declare_queue(exclusive=True)
         await inbox.bind(exchange, f"commands.{device.id}")

@@ -109,6 +109,10 @@ async def authorize(
         user = await services.store.get_user(None, claims.user_id)
     except NotFound:
         raise AuthenticationError("the user of this access token no longer exists") from None
+    if claims.version != user.token_version:
+        raise AuthenticationError(
+            "access token no longer valid (password or role changed): log in again"
+        )
     if user.role is Role.TENANT_USER and request.method not in SAFE_METHODS:
         raise PermissionDenied("a tenant_user has read-only access")
     return Principal(user)

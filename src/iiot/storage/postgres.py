@@ -53,7 +53,7 @@ T = TypeVar("T")
 _MIGRATION_LOCK = 7_402_315_001
 
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
+_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
 _DEVICE_COLS = DEVICE_COLS
 
 
@@ -69,6 +69,7 @@ def _user(row: Any) -> User:
         tenant_id=row["tenant_id"],
         password_hash=row["password_hash"],
         created_at=row["created_at"],
+        token_version=row["token_version"],
     )
 
 
@@ -417,7 +418,12 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
                     _common.check_user_tenant(Role(role), row["tenant_id"])
                 row = await conn.fetchrow(
                     "UPDATE users SET password_hash = coalesce($2, password_hash),"
-                    f" role = coalesce($3, role) WHERE id = $1 RETURNING {_USER_COLS}",
+                    " role = coalesce($3, role),"
+                    # Tokens issued before a new password or role stop working.
+                    " token_version = token_version"
+                    "  + CASE WHEN $2 IS NOT NULL OR ($3 IS NOT NULL AND $3 <> role)"
+                    "    THEN 1 ELSE 0 END"
+                    f" WHERE id = $1 RETURNING {_USER_COLS}",
                     user_id,
                     password_hash,
                     None if role is None else Role(role).value,

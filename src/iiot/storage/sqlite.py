@@ -50,7 +50,7 @@ _UNAVAILABLE_CODES = {
 }
 
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
+_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
 _DEVICE_COLS = DEVICE_COLS
 
 
@@ -74,6 +74,7 @@ def _user(row: Any) -> User:
         tenant_id=_uuid(row[3]),
         password_hash=row[4],
         created_at=row[5],
+        token_version=row[6],
     )
 
 
@@ -384,9 +385,17 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
                 current = self._user_row(scope, user_id)
                 new_role = current.role if role is None else Role(role)
                 _common.check_user_tenant(new_role, current.tenant_id)
+                # Tokens issued before a new password or role stop working.
+                bump = int(password_hash is not None or new_role != current.role)
                 self._db.execute(
-                    "UPDATE users SET password_hash = ?, role = ? WHERE id = ?",
-                    (password_hash or current.password_hash, new_role.value, user_id.bytes),
+                    "UPDATE users SET password_hash = ?, role = ?,"
+                    " token_version = token_version + ? WHERE id = ?",
+                    (
+                        password_hash or current.password_hash,
+                        new_role.value,
+                        bump,
+                        user_id.bytes,
+                    ),
                 )
                 return self._user_row(scope, user_id)
 
