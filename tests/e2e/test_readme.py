@@ -21,12 +21,14 @@ import pytest
 from tests.e2e.cli_helpers import clean_environ
 from tests.support import free_port, services_required, wait_for_port
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+OPCUA_DOC = ROOT / "docs" / "protocols-opcua.md"
 
 
-def readme_block(heading: str) -> str:
-    """The first ```sh block of the README section with this heading."""
-    text = README.read_text(encoding="utf-8")
+def readme_block(heading: str, document: Path = README) -> str:
+    """The first ```sh block of the document's section with this heading."""
+    text = document.read_text(encoding="utf-8")
     section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
     found = re.search(r"```sh\n(.*?)```", section, re.S)
     assert found, f"no sh block under {heading!r}"
@@ -42,10 +44,13 @@ def _need(tool: str, package: str) -> None:
 
 
 def test_send_a_first_message_works_as_written(tmp_path: Path) -> None:
+    """The README block, then the OPC UA first contact of docs/protocols-opcua.md."""
     _need("coap-client-notls", "libcoap3-bin")
     _need("mosquitto_pub", "mosquitto-clients")
     _need("curl", "curl")
     block = readme_block("## Send a first message")
+    opcua_block = readme_block("### asyncua's command-line tools", OPCUA_DOC)
+    marker = "=== opcua ==="
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     ports = {
         "IIOT_HTTP_PORT": str(free_port()),
@@ -65,7 +70,7 @@ def test_send_a_first_message_works_as_written(tmp_path: Path) -> None:
         wait_for_port("127.0.0.1", int(ports["IIOT_HTTP_PORT"]))
         wait_for_port("127.0.0.1", int(ports["IIOT_MQTT_PORT"]))
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block],
+            ["bash", "-euo", "pipefail", "-c", f"{block}\necho '{marker}'\n{opcua_block}"],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -76,6 +81,13 @@ def test_send_a_first_message_works_as_written(tmp_path: Path) -> None:
         platform.terminate()
         platform.wait(timeout=30)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
-    latest = json.loads(done.stdout.strip().splitlines()[-1])
+    first, opcua = done.stdout.split(marker)
+    latest = json.loads(first.strip().splitlines()[-1])
     values = {key: point["value"] for key, point in latest.items()}
     assert values == {"temperature": 21.5, "running": True, "pressure": 1.013, "humidity": 40.5}
+    # uals shows the device's variables; uaread its value; uahistoryread the stored point.
+    assert "press-1" in opcua
+    assert "telemetry:humidity" in opcua
+    lines = opcua.splitlines()
+    assert "21.5" in lines
+    assert any(line.split()[-2:] == ["Good", "21.5"] for line in lines if line.split())
