@@ -91,7 +91,11 @@ class ChangeFeed:
     @staticmethod
     def wanted(settings: Settings, role: str) -> bool:
         """Whether a process of this role needs a feed (split PostgreSQL roles have a bridge)."""
-        return sqlite_path(settings.effective_database_url) is not None or role == "all"
+        url = settings.effective_database_url
+        if url.startswith("sqlite:"):
+            path = sqlite_path(url)  # an in-memory database has no other process to hear
+            return path is not None and path != ":memory:" and not path.startswith("file:")
+        return role == "all"
 
     def describe(self) -> str:
         """Start-up log line."""

@@ -240,5 +240,8 @@ def _read_toml(path: str) -> dict[str, tuple[str, str]]:
                 + ", ".join(sorted(known))
             )
         text = str(value).lower() if isinstance(value, bool) else str(value)
+        if key == "data_dir" and text.strip() and not Path(text.strip()).is_absolute():
+            # Relative to the file, so every command finds the same data from any directory.
+            text = str(Path(path).absolute().parent / text.strip())
         result[key] = (f"{key} in {path}", text)
     return result

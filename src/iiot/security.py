@@ -58,6 +58,16 @@ def verify_password(password: str, password_hash: str) -> bool:
         return False
 
 
+# A disabled user's password hash is kept behind this mark (as in /etc/shadow): no password
+# matches it, and removing the mark restores the login (`iiot user disable` / `enable`).
+DISABLED_MARK = "!"
+
+
+def is_disabled_hash(password_hash: str) -> bool:
+    """Whether this stored password hash belongs to a disabled user."""
+    return password_hash.startswith(DISABLED_MARK)
+
+
 def new_device_token() -> str:
     """A random device access token of 192 bits, URL-safe."""
     return secrets.token_urlsafe(24)

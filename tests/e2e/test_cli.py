@@ -165,9 +165,14 @@ def _running_platform_follows_the_cli(env: dict[str, str], tmp_path: Path) -> No
 
         _ok(iiot({**env, "IIOT_NEW_PASSWORD": "password-one"}, "user", "create",
                  "--username", "bob", "--tenant", "acme"))  # fmt: skip
-        assert _login(http, "bob", "password-one") == 200
+        answer = httpx.post(
+            f"{http}/api/auth/login", json={"username": "bob", "password": "password-one"}
+        )
+        bob = {"Authorization": f"Bearer {answer.json()['access_token']}"}
+        assert httpx.get(f"{http}/api/devices", headers=bob).status_code == 200
         _ok(iiot(env, "user", "disable", "bob"))
         assert _login(http, "bob", "password-one") == 401
+        assert httpx.get(f"{http}/api/devices", headers=bob).status_code == 401
         _ok(iiot(env, "user", "enable", "bob"))
         _ok(iiot(env, "user", "reset-password", "bob", stdin="password-two\n"))
         assert _login(http, "bob", "password-two") == 200

@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from iiot.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
 from iiot.model import Role, User
-from iiot.security import LoginThrottle, TokenSigner
+from iiot.security import LoginThrottle, TokenSigner, is_disabled_hash
 from iiot.services import Services
 from iiot.storage.base import Scope
 
@@ -113,6 +113,8 @@ async def authorize(
         raise AuthenticationError(
             "access token no longer valid (password or role changed): log in again"
         )
+    if is_disabled_hash(user.password_hash):
+        raise AuthenticationError("the user of this access token is disabled")
     if user.role is Role.TENANT_USER and request.method not in SAFE_METHODS:
         raise PermissionDenied("a tenant_user has read-only access")
     return Principal(user)

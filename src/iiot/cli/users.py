@@ -25,11 +25,12 @@ from iiot.cli.output import add_json_flag, iso_time, print_record, print_rows
 from iiot.config import Settings
 from iiot.errors import InvalidRequest
 from iiot.model import Role, User
+from iiot.security import DISABLED_MARK, is_disabled_hash
 from iiot.storage.base import Store
 
 __all__ = ["is_locked", "lock_user", "register"]
 
-_LOCK = "!"
+_LOCK = DISABLED_MARK
 
 
 def register(sub: Any) -> None:
@@ -83,7 +84,7 @@ def register(sub: Any) -> None:
 
 def is_locked(user: User) -> bool:
     """Whether the user is disabled."""
-    return user.password_hash.startswith(_LOCK)
+    return is_disabled_hash(user.password_hash)
 
 
 async def lock_user(store: Store, user: User, *, locked: bool) -> User:
