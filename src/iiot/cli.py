@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "or only the ingestion protocols",
     )
     run.add_argument(
-        "--workers", type=int, default=1, help="HTTP API worker processes (with --role api)"
+        "--workers", type=int, default=1, help="worker processes (with --role api or ingest)"
     )
 
     sub.add_parser(
