@@ -55,7 +55,7 @@ MQTT_START, AMQP_START, COAP_START, HTTP_START = 0, 100_000, 200_000, 300_000
 Point = tuple[UUID, str, int]
 
 
-def _points(devices: Sequence[TestDevice], seqs: Sequence[int]) -> set[Point]:
+def points_of(devices: Sequence[TestDevice], seqs: Sequence[int]) -> set[Point]:
     return {(devices[seq % len(devices)].id, key, BASE_TS + seq) for seq in seqs for key in KEYS}
 
 
@@ -65,6 +65,7 @@ class Node:
 
     env: dict[str, str]
     log: Path
+    args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     http_port: int = field(init=False)
     coap_port: int = field(init=False)
@@ -76,7 +77,7 @@ class Node:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "iiot", "run"],
+                [sys.executable, "-m", "iiot", "run", *self.args],
                 env={**os.environ, **self.env},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -115,7 +116,7 @@ class Node:
         return dict(answer.json())
 
 
-def _mqtt_publish(port: int, devices: Sequence[TestDevice], start: int, count: int) -> list[int]:
+def mqtt_publish(port: int, devices: Sequence[TestDevice], start: int, count: int) -> list[int]:
     """QoS 1 publishes; the sequence numbers the broker acknowledged (PUBACK)."""
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     client.max_inflight_messages_set(200)
@@ -136,7 +137,7 @@ def _mqtt_publish(port: int, devices: Sequence[TestDevice], start: int, count: i
     return acked
 
 
-async def _coap_load(
+async def coap_load(
     nodes: Sequence[Node], devices: Sequence[TestDevice], start: int, count: int
 ) -> list[int]:
     """Confirmable POSTs spread over the nodes; the sequence numbers answered 2.04."""
@@ -223,7 +224,7 @@ async def test_three_nodes_one_killed_store_every_acknowledged_point_once(
 
                 mqtt = asyncio.create_task(
                     asyncio.to_thread(
-                        _mqtt_publish, broker.port, mqtt_devices, MQTT_START, MQTT_MESSAGES
+                        mqtt_publish, broker.port, mqtt_devices, MQTT_START, MQTT_MESSAGES
                     )
                 )
                 amqp = asyncio.create_task(
@@ -232,7 +233,7 @@ async def test_three_nodes_one_killed_store_every_acknowledged_point_once(
                     )
                 )
                 coap = asyncio.create_task(
-                    _coap_load(nodes, coap_devices, COAP_START, DIRECT_MESSAGES)
+                    coap_load(nodes, coap_devices, COAP_START, DIRECT_MESSAGES)
                 )
                 http = asyncio.create_task(
                     _http_load(nodes, http_devices, HTTP_START, DIRECT_MESSAGES)
@@ -259,10 +260,12 @@ async def test_three_nodes_one_killed_store_every_acknowledged_point_once(
                 http_acked = await asyncio.wait_for(http, 120)
 
                 assert len(mqtt_acked) == MQTT_MESSAGES  # Mosquitto stayed up: all PUBACKed
-                expected_brokers = _points(
+                expected_brokers = points_of(
                     mqtt_devices, range(MQTT_START, MQTT_START + MQTT_MESSAGES)
-                ) | _points(amqp_devices, range(AMQP_START, AMQP_START + AMQP_MESSAGES))
-                acked_direct = _points(coap_devices, coap_acked) | _points(http_devices, http_acked)
+                ) | points_of(amqp_devices, range(AMQP_START, AMQP_START + AMQP_MESSAGES))
+                acked_direct = points_of(coap_devices, coap_acked) | points_of(
+                    http_devices, http_acked
+                )
                 must_have = expected_brokers | acked_direct
                 assert killed_at < len(must_have), "the kill came too late to test anything"
 
@@ -284,9 +287,9 @@ async def test_three_nodes_one_killed_store_every_acknowledged_point_once(
     assert broker_rows == expected_brokers
     # Direct points: every acknowledged one; unacknowledged ones (sent to the killed node)
     # may or may not have been committed before it died, but nothing else appears.
-    sent_direct = _points(coap_devices, range(COAP_START, COAP_START + DIRECT_MESSAGES)) | _points(
-        http_devices, range(HTTP_START, HTTP_START + DIRECT_MESSAGES)
-    )
+    sent_direct = points_of(
+        coap_devices, range(COAP_START, COAP_START + DIRECT_MESSAGES)
+    ) | points_of(http_devices, range(HTTP_START, HTTP_START + DIRECT_MESSAGES))
     assert acked_direct <= stored
     assert stored - broker_rows <= sent_direct
     assert len(coap_acked) > DIRECT_MESSAGES // 2 and len(http_acked) > DIRECT_MESSAGES // 2
