@@ -199,11 +199,17 @@ def _build_c_consumer(workdir: Path) -> Path:
     """Compile bench/amqp_c_consumer.c (gcc, librabbitmq from Debian's librabbitmq-dev)."""
     source = Path(__file__).with_name("amqp_c_consumer.c")
     binary = workdir / "amqp_c_consumer"
-    subprocess.run(
+    built = subprocess.run(
         ["gcc", "-O2", "-o", str(binary), str(source), "-lrabbitmq"],
-        check=True,
         capture_output=True,
+        text=True,
+        check=False,
     )
+    if built.returncode != 0:
+        raise RuntimeError(
+            "cannot build the C consumer (apt-get install gcc librabbitmq-dev): "
+            + built.stderr.strip()[-500:]
+        )
     return binary
 
 
