@@ -400,10 +400,13 @@ async def _run(quick: bool) -> dict[str, Any]:
     try:
         async with temporary_database() as db_url:
             live, device_ids = await _end_to_end(db_url, broker, workdir, messages)
-            drain = await _drain(db_url, broker, workdir, device_ids, drain_messages)
-            drain_off = await _drain(
-                db_url, broker, workdir, device_ids, drain_messages, "opcua_off"
-            )
+            # A-B-B-A, the best of each: the machine's other load changes during a run.
+            drains: dict[str, list[float]] = {"defaults": [], "opcua_off": []}
+            for profile in ("defaults", "opcua_off", "opcua_off", "defaults"):
+                drains[profile].append(
+                    await _drain(db_url, broker, workdir, device_ids, drain_messages, profile)
+                )
+            drain, drain_off = max(drains["defaults"]), max(drains["opcua_off"])
             by_workers = {
                 n: await _drain_workers(db_url, broker, workdir, device_ids, drain_messages, n)
                 for n in (1, 2)
@@ -466,6 +469,8 @@ async def _run(quick: bool) -> dict[str, Any]:
             ),
         ],
         "notes": [
+            "Defaults and OPC UA off are each drained twice (in the order defaults, off, off,"
+            " defaults) and the best of each is shown.",
             f"Drained: {drain_messages:,} messages sent to the subscriber's persistent session"
             " on a private Mosquitto while it was stopped, timed from the end of its start-up"
             " (points stored during start-up left out) until every point is stored; the naive"
@@ -490,7 +495,7 @@ async def _run(quick: bool) -> dict[str, Any]:
             "messages_drained": drain_messages,
             "devices": DEVICES,
             "naive_messages": naive_messages,
-            "profiles": {"defaults": drain, "opcua_off": drain_off},
+            "profiles": drains,
             "workers": by_workers,
         },
     }
