@@ -56,6 +56,8 @@ class Settings:
     log_level: str = "INFO"
     retention_interval_s: int = 3600  # how often tenants' telemetry retention is applied
     http_reuse_port: bool = False  # set by `iiot run --workers N`: N processes share the port
+    amqp_queue_type: str = "classic"  # `quorum`: replicated over a RabbitMQ cluster
+    worker_index: int = 0  # set by `iiot run --role ingest --workers N`: 1..N, 0 alone
 
     @property
     def effective_database_url(self) -> str:
@@ -151,6 +153,14 @@ def _url(*schemes: str) -> Callable[[str], str | None]:
     return parse
 
 
+def _queue_type(raw: str) -> str:
+    """classic or quorum"""
+    value = raw.strip().lower()
+    if value not in ("classic", "quorum"):
+        raise ValueError
+    return value
+
+
 def _log_level(raw: str) -> str:
     """one of DEBUG, INFO, WARNING, ERROR"""
     level = raw.strip().upper()
@@ -192,6 +202,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _log_level,
     "retention_interval_s": _int_between(1, 7 * 24 * 3600),
     "http_reuse_port": _bool,
+    "worker_index": _int_between(0, 1024),
+    "amqp_queue_type": _queue_type,
 }
 
 

@@ -350,8 +350,11 @@ class AmqpAdapter:
         exchange = await publish_channel.declare_exchange(
             COMMAND_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        await publish_channel.declare_queue(REJECTED_QUEUE, durable=True)
-        queue = await consume_channel.declare_queue(QUEUE, durable=True)
+        # IIOT_AMQP_QUEUE_TYPE=quorum: queues replicated over a RabbitMQ cluster.
+        quorum = self._services.settings.amqp_queue_type == "quorum"
+        kind: dict[str, Any] | None = {"x-queue-type": "quorum"} if quorum else None
+        await publish_channel.declare_queue(REJECTED_QUEUE, durable=True, arguments=kind)
+        queue = await consume_channel.declare_queue(QUEUE, durable=True, arguments=kind)
         await queue.bind(EXCHANGE, BINDING_KEY)
         return _Session(
             connection=connection,

@@ -258,7 +258,8 @@ class CoapServer:
 
     async def __aenter__(self) -> Self:
         try:
-            _check_port_free(self._host, self._port)
+            if not self._services.settings.worker_index:  # workers share the port on purpose
+                _check_port_free(self._host, self._port)
             self._context = await aiocoap.Context.create_server_context(
                 _TrackingSite(build_site(self._services, lambda: self._open), self._requests),
                 bind=(self._host, self._port),

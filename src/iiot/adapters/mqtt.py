@@ -177,6 +177,10 @@ class MqttAdapter:
             raise ValueError("MqttAdapter needs IIOT_MQTT_URL")
         self.url = _BrokerUrl(settings.mqtt_url)
         self.client_id = self.url.client_id or _default_client_id(services)
+        # Ingest workers: a stable session each in the group; worker 1 keeps the id of a
+        # single process, so going from one process to N workers leaves no session behind.
+        if settings.worker_index > 1:
+            self.client_id = f"{self.client_id}-w{settings.worker_index}"
         group = settings.mqtt_shared_group
         self.topic = f"$share/{group}/{TELEMETRY_FILTER}" if group else TELEMETRY_FILTER
         self.refusals = RefusalLog(log)

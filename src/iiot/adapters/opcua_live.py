@@ -51,13 +51,6 @@ class LiveVariable:
         self.changed = False  # a newer point than the last one written
         self.reader = self.read  # one bound method, installed as the read callback
 
-    def offer(self, point: Point) -> bool:
-        """Keep the point if it is the newest; True when it replaced the value."""
-        if point.ts < self.point.ts:
-            return False  # an older point arrived late: the variable keeps the latest
-        self.point = point
-        return True
-
     @property
     def watched(self) -> bool:
         """Whether a monitored item follows this variable."""

@@ -287,9 +287,11 @@ class AddressSpaceSync:
                 seen = new.get(point.key)
                 if seen is None or point.ts >= seen.ts:
                     new[point.key] = point
-            elif variable.offer(point) and not variable.changed:
-                variable.changed = True
-                changed.append(variable)
+            elif point.ts >= variable.point.ts:  # else an older point arrived late
+                variable.point = point
+                if not variable.changed:
+                    variable.changed = True
+                    changed.append(variable)
         return new
 
     async def _add_variables(

@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
         "or only the ingestion protocols",
     )
     run.add_argument(
-        "--workers", type=int, default=1, help="HTTP API worker processes (with --role api)"
+        "--workers", type=int, default=1, help="worker processes (with --role api or ingest)"
     )
     run.set_defaults(handler=_cmd_run)
 
