@@ -113,7 +113,7 @@ class Platform:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             store = await self._stack.enter_async_context(
-                open_store(settings.effective_database_url)
+                open_store(settings.effective_database_url, read_url=settings.database_read_url)
             )
             await ensure_admin(store, settings)
             bus = LiveBus()

@@ -50,6 +50,7 @@ class Settings:
     log_level: str = "INFO"
     retention_interval_s: int = 3600  # how often tenants' telemetry retention is applied
     http_reuse_port: bool = False  # set by `iiot run --workers N`: N processes share the port
+    database_read_url: str | None = None  # a PostgreSQL read replica for queries; unset: primary
 
     @property
     def effective_database_url(self) -> str:
@@ -176,6 +177,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _log_level,
     "retention_interval_s": _int_between(1, 7 * 24 * 3600),
     "http_reuse_port": _bool,
+    "database_read_url": _url("postgresql", "postgres"),
 }
 
 
