@@ -13,7 +13,12 @@ from iiot.model import Device, DevicePoints, Point
 from iiot.storage import TelemetryQuery
 from iiot.storage._common import load_migrations, now_ms
 from iiot.storage.postgres import PostgresStore
-from iiot.storage.postgres_partitions import AHEAD_WEEKS, WEEK_MS, ensure_partitions
+from iiot.storage.postgres_partitions import (
+    AHEAD_WEEKS,
+    BEHIND_WEEKS,
+    WEEK_MS,
+    ensure_partitions,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -63,7 +68,9 @@ async def test_partitions_are_made_ahead_and_points_land_in_them(pg_url: str) ->
             [DevicePoints(device, (Point("t", 5, 1.0), Point("t", 2**50, 2.0)))]
         )
         assert len((await store.query_telemetry(None, device.id, ALL_TIME))["t"]) == 12
-    expected = {f"telemetry_w{w}" for w in range(this_week, this_week + AHEAD_WEEKS + 1)}
+    expected = {
+        f"telemetry_w{w}" for w in range(this_week - BEHIND_WEEKS, this_week + AHEAD_WEEKS + 1)
+    }
     assert expected | {"telemetry_default"} == await _partitions(pg_url)
     conn = await asyncpg.connect(pg_url)
     try:

@@ -32,7 +32,7 @@ from iiot.storage.postgres_pool import (
 )
 
 # Helpers that moved with the telemetry code, still at hand for the methods here.
-from iiot.storage.postgres_purge import purge_devices, queue_purges
+from iiot.storage.postgres_purge import queue_purges
 from iiot.storage.postgres_reads import DEFAULT_QUERY_TIMEOUT_S, open_read_pool, query_too_long
 from iiot.storage.postgres_telemetry import (  # noqa: F401
     _VALUE_COLS,
@@ -339,7 +339,7 @@ class PostgresStore(PostgresTelemetry):
                 await queue_purges(conn, ids)
                 return ids
 
-        await purge_devices(self._run, await self._run(op))
+        await self._purge(await self._run(op))
 
     # --- users -------------------------------------------------------------------------
     async def create_user(
@@ -611,7 +611,7 @@ class PostgresStore(PostgresTelemetry):
                 await queue_purges(conn, [device_id])
 
         await self._run(op, retry=False)
-        await purge_devices(self._run, [device_id])
+        await self._purge([device_id])
 
 
 def _device_conflict(exc: Any, name: str) -> Conflict:

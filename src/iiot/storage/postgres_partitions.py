@@ -1,8 +1,9 @@
 """Weekly partitions of the PostgreSQL telemetry table (migration 0008).
 
 `telemetry` is partitioned by range of `ts`: one partition per week counted from the Unix
-epoch, named `telemetry_w{week number}`, made `AHEAD_WEEKS` ahead of time by the store
-(at start, then hourly), so that ingestion never waits for one to be made. Points outside
+epoch, named `telemetry_w{week number}`, made `AHEAD_WEEKS` ahead of time (and
+`BEHIND_WEEKS` back) by the store (at start, then hourly), so that ingestion never waits
+for one to be made. Points outside
 every weekly partition (far past or future dates) land in `telemetry_default`; a week made
 later takes its points from there. `telemetry_legacy` holds what an existing table held
 when it was converted, every ts before the week after the conversion.
@@ -24,6 +25,7 @@ from iiot.storage import _common
 
 __all__ = [
     "AHEAD_WEEKS",
+    "BEHIND_WEEKS",
     "WEEK_MS",
     "drop_expired_partitions",
     "ensure_partitions",
@@ -35,6 +37,7 @@ Run = Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]]
 
 WEEK_MS = 7 * 86_400_000
 AHEAD_WEEKS = 4  # weeks made beyond the current one
+BEHIND_WEEKS = 1  # and before it: late points of last week get a partition too
 _PREFIX = "telemetry_w"
 # DDL on the parent waits for transactions using it; it must never hold writers up long.
 _LOCK_TIMEOUT = "500ms"
@@ -69,7 +72,8 @@ def _week_of(name: str) -> int | None:
 
 
 async def ensure_partitions(run: Run, now_ms: int | None = None) -> list[str]:
-    """Make the partitions of this week and the next `AHEAD_WEEKS`; returns those made."""
+    """Make the partitions of last week, this week and the next `AHEAD_WEEKS`; returns
+    those made."""
     now = _common.now_ms() if now_ms is None else now_ms
     current = now // WEEK_MS
 
@@ -78,7 +82,7 @@ async def ensure_partitions(run: Run, now_ms: int | None = None) -> list[str]:
 
     have = await run(existing)
     made = []
-    for week in range(current, current + AHEAD_WEEKS + 1):
+    for week in range(current - BEHIND_WEEKS, current + AHEAD_WEEKS + 1):
         name = partition_name(week)
         if name in have:
             continue

@@ -214,6 +214,16 @@ def _raw_result(rows: Sequence[Any]) -> dict[str, list[tuple[int, Scalar]]]:
     return result
 
 
+def _forget(tasks: list[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback taking a finished task off `tasks`."""
+
+    def forget(task: asyncio.Task[None]) -> None:
+        if task in tasks:
+            tasks.remove(task)
+
+    return forget
+
+
 class PostgresTelemetry:
     """The telemetry methods of `PostgresStore` (a mixin: the store provides `_run`)."""
 
@@ -246,7 +256,8 @@ class PostgresTelemetry:
                 log.warning("cannot make telemetry partitions now, retrying later: %s", exc)
 
     async def _stop_background(self) -> None:
-        tasks, self._background = getattr(self, "_background", []), []
+        tasks = list(getattr(self, "_background", []))  # callbacks edit the list
+        self._background = []
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -258,6 +269,17 @@ class PostgresTelemetry:
             await purge_devices(self._run, await queued_purges(self._run))
         except StorageUnavailable as exc:
             log.warning("purging deleted devices' telemetry stopped, next start resumes: %s", exc)
+
+    async def _purge(self, device_ids: Sequence[UUID]) -> None:
+        """Purge deleted devices' points and wait for it. The purge goes on if the caller
+        is cancelled (a client hanging up), until the store closes; the next start resumes."""
+        task = asyncio.create_task(self._purge_now(device_ids), name="iiot-pg-purge")
+        self._background.append(task)
+        task.add_done_callback(_forget(self._background))
+        await asyncio.shield(task)
+
+    async def _purge_now(self, device_ids: Sequence[UUID]) -> None:
+        await purge_devices(self._run, device_ids)
 
     async def wait_for_purges(self) -> None:
         """Wait until purges resumed at start are done (for tools and tests)."""

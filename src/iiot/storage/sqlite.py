@@ -315,7 +315,7 @@ class SqliteStore(SqliteTelemetry):
                 self._db.execute("DELETE FROM tenants WHERE id = ?", (tenant_id.bytes,))
                 return ids
 
-        await self._purge_devices(await self._call(run))
+        await self._purge(await self._call(run))
 
     # --- users -------------------------------------------------------------------------
     async def create_user(
@@ -544,7 +544,7 @@ class SqliteStore(SqliteTelemetry):
                 self._db.execute("DELETE FROM devices WHERE id = ?", (device_id.bytes,))
 
         await self._call(run)
-        await self._purge_devices([device_id])
+        await self._purge([device_id])
 
 
 def _device_error(exc: sqlite3.IntegrityError, name: str, tenant_id: UUID) -> Exception:

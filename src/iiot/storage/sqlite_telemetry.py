@@ -54,6 +54,16 @@ _AGG_SQL = {
 }
 
 
+def _forget(tasks: list[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback taking a finished task off `tasks`."""
+
+    def forget(task: asyncio.Task[None]) -> None:
+        if task in tasks:
+            tasks.remove(task)
+
+    return forget
+
+
 class SqliteTelemetry:
     """The telemetry methods of `SqliteStore` (a mixin: the store provides `_call`, `_db`)."""
 
@@ -69,6 +79,14 @@ class SqliteTelemetry:
 
     # --- purges of deleted devices (sqlite_purge) ---------------------------------------
     _background: list[asyncio.Task[None]]
+
+    async def _purge(self, device_ids: Sequence[UUID]) -> None:
+        """Purge deleted devices' points and wait for it. The purge goes on if the caller
+        is cancelled (a client hanging up), until the store closes; the next start resumes."""
+        task = asyncio.create_task(self._purge_devices(device_ids), name="iiot-sqlite-purge")
+        self._background.append(task)
+        task.add_done_callback(_forget(self._background))
+        await asyncio.shield(task)
 
     async def _purge_devices(self, device_ids: Sequence[UUID]) -> None:
         """Delete deleted devices' points batch by batch, letting other calls in between."""
@@ -89,7 +107,8 @@ class SqliteTelemetry:
             log.warning("purging deleted devices' telemetry stopped, next start resumes: %s", exc)
 
     async def _stop_background(self) -> None:
-        tasks, self._background = getattr(self, "_background", []), []
+        tasks = list(getattr(self, "_background", []))  # callbacks edit the list
+        self._background = []
         for task in tasks:
             task.cancel()
         for task in tasks:
