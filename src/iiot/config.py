@@ -58,6 +58,7 @@ class Settings:
     http_reuse_port: bool = False  # set by `iiot run --workers N`: N processes share the port
     amqp_queue_type: str = "classic"  # `quorum`: replicated over a RabbitMQ cluster
     worker_index: int = 0  # set by `iiot run --role ingest --workers N`: 1..N, 0 alone
+    database_read_url: str | None = None  # a PostgreSQL read replica for queries; unset: primary
 
     @property
     def effective_database_url(self) -> str:
@@ -204,6 +205,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "http_reuse_port": _bool,
     "worker_index": _int_between(0, 1024),
     "amqp_queue_type": _queue_type,
+    "database_read_url": _url("postgresql", "postgres"),
 }
 
 

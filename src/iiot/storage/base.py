@@ -40,6 +40,9 @@ class TelemetryQuery:
     order: Literal["asc", "desc"] = "asc"
     agg: Literal["none", "avg", "min", "max", "sum", "count"] = "none"
     interval_ms: int = 0  # bucket width when agg != "none"; buckets start at multiples of it
+    # At most this many points in the answer (keys x limit, or x buckets for aggregates);
+    # None: no cap. A query that could return more is refused with `InvalidRequest`.
+    max_points: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,8 @@ from iiot.storage.postgres_pool import (
 )
 
 # Helpers that moved with the telemetry code, still at hand for the methods here.
+from iiot.storage.postgres_purge import queue_purges
+from iiot.storage.postgres_reads import DEFAULT_QUERY_TIMEOUT_S, open_read_pool, query_too_long
 from iiot.storage.postgres_telemetry import (  # noqa: F401
     _VALUE_COLS,
     PG_CURRENT_LATEST,
@@ -86,6 +88,8 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 5.0,
+        read_url: str | None = None,
+        query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
     ) -> None:
         """Remember the settings; nothing connects before `__aenter__`."""
         # asyncpg understands postgresql:// and postgres:// alike.
@@ -98,6 +102,10 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
         # Devices known to exist, valid while the count of deletions stays the same.
         self._alive: set[UUID] = set()
         self._deletions_seen: int | None = None
+        # Queries: a pool of their own (postgres_reads), on a replica when one is given.
+        self._read_url = read_url or url
+        self._query_timeout_s = query_timeout_s
+        self._read_pool: Any = None
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -121,6 +129,13 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
             ) from exc
         try:
             await self._run(self._migrate, retry=False)
+            self._read_pool = await open_read_pool(
+                self._read_url,
+                max_size=self._max_size,
+                timeout_s=self._query_timeout_s,
+                connect_timeout=self._connect_timeout,
+            )
+            await self._start_background()
         except BaseException:
             await self._close()
             raise
@@ -134,14 +149,18 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
         await self._close()
 
     async def _close(self) -> None:
+        await self._stop_background()
         if self._pool is not None:
             await self._latest.close()
+        read_pool, self._read_pool = self._read_pool, None
         pool, self._pool = self._pool, None
-        if pool is not None:
+        for closing in (read_pool, pool):
+            if closing is None:
+                continue
             try:
-                await asyncio.wait_for(pool.close(), timeout=10)
+                await asyncio.wait_for(closing.close(), timeout=10)
             except TimeoutError:
-                pool.terminate()
+                closing.terminate()
 
     async def _migrate(self, conn: Any) -> None:
         async with conn.transaction():
@@ -165,18 +184,22 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
                     _common.now_ms(),
                 )
 
-    async def _run(self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
+    async def _run(
+        self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True, read: bool = False
+    ) -> T:
         """Run `op` on a pooled connection; connection failures become `StorageUnavailable`.
 
         With `retry`, an operation that failed on a connection that broke while idle is
-        run once more on a fresh one; only idempotent operations may ask for this.
+        run once more on a fresh one; only idempotent operations may ask for this. With
+        `read`, a read-only `op` runs on the queries' pool (postgres_reads).
         """
         if self._pool is None:
             raise RuntimeError("PostgresStore is not open (use `async with`)")
+        pool = self._read_pool if read and self._read_pool is not None else self._pool
         attempts = 2 if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                async with self._pool.acquire() as conn:
+                async with pool.acquire() as conn:
                     try:
                         return await op(conn)
                     except _UNAVAILABLE:
@@ -185,8 +208,12 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
                         # failover): replace them all on their next use.
                         with contextlib.suppress(asyncpg.InterfaceError):
                             conn.terminate()  # unless the pool already took it back
-                        await self._pool.expire_connections()
+                        await pool.expire_connections()
                         raise
+            except asyncpg.QueryCanceledError as exc:
+                if pool is self._read_pool:  # the statement timeout of queries
+                    raise query_too_long(self._query_timeout_s) from exc
+                raise
             except _TRANSIENT as exc:
                 if attempt < attempts and isinstance(exc, _RETRY_ONCE):
                     log.debug("retrying after a broken connection: %s", exc)
@@ -254,7 +281,7 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
             )
             return Page([_tenant(r) for r in rows], int(total))
 
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def update_tenant(
         self,
@@ -296,7 +323,7 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
         if scope is not None and scope != tenant_id:
             raise NotFound(f"tenant {tenant_id} not found")
 
-        async def op(conn: Any) -> None:
+        async def op(conn: Any) -> list[UUID]:
             async with conn.transaction():
                 # As in delete_device: in-flight batches finish first, and none can add
                 # rows to a device being deleted.
@@ -310,9 +337,11 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
                 status = await conn.execute("DELETE FROM tenants WHERE id = $1", tenant_id)
                 if status == "DELETE 0":
                     raise NotFound(f"tenant {tenant_id} not found")
-                await conn.execute("DELETE FROM telemetry WHERE device_id = ANY($1::uuid[])", ids)
+                # The points go after the commit, a batch at a time (postgres_purge).
+                await queue_purges(conn, ids)
+                return ids
 
-        await self._run(op)
+        await self._purge(await self._run(op))
 
     # --- users -------------------------------------------------------------------------
     async def create_user(
@@ -392,7 +421,7 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
             )
             return Page([_user(r) for r in rows], int(total))
 
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def update_user(
         self,
@@ -540,7 +569,7 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
             total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", *args)
             return Page([], int(total))
 
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def update_device(
         self,
@@ -599,7 +628,7 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
         async def op(conn: Any) -> None:
             async with conn.transaction():
                 # Waits for batches in flight; later batches then find the device gone
-                # and skip its points, so the telemetry deleted next cannot gain new rows.
+                # and skip its points, so the telemetry purged next cannot gain new rows.
                 await lock_out_writers(conn)
                 status = await conn.execute(
                     "DELETE FROM devices WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
@@ -608,9 +637,11 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
                 )
                 if status == "DELETE 0":
                     raise NotFound(f"device {device_id} not found")
-                await conn.execute("DELETE FROM telemetry WHERE device_id = $1", device_id)
+                # The points go after the commit, a batch at a time (postgres_purge).
+                await queue_purges(conn, [device_id])
 
         await self._run(op, retry=False)
+        await self._purge([device_id])
 
 
 def _device_conflict(exc: Any, name: str) -> Conflict:

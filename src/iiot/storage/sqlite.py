@@ -26,6 +26,8 @@ from iiot.storage import _common
 from iiot.storage.base import DeviceFilter, Page, Scope
 from iiot.storage.device_filters import device_where
 from iiot.storage.sqlite_devices import DEVICE_COLS, SqliteDevices, device_from_row
+from iiot.storage.sqlite_purge import queue_purges
+from iiot.storage.sqlite_reads import SqliteReader, read_connection
 
 # Helpers that moved with the telemetry code, still at hand for the methods here.
 from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction  # noqa: F401
@@ -107,6 +109,8 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
         self._busy_timeout = busy_timeout
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._reader: SqliteReader | None = None  # queries' own connection (sqlite_reads)
+        self._background: list[asyncio.Task[None]] = []
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -116,9 +120,12 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iiot-sqlite")
         try:
             await self._call(self._open)
+            if SqliteReader.usable(self._path):
+                self._reader = await SqliteReader.open(self._path, self._busy_timeout)
         except BaseException:
             await self._shutdown()
             raise
+        self._start_background()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -129,6 +136,10 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
         executor = self._executor
         if executor is None:
             return
+        await self._stop_background()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(executor, self._close)
         self._executor = None
@@ -193,8 +204,22 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
                 raise StorageUnavailable(f"SQLite database {self._path}: {exc}") from exc
             raise
 
+    async def _read_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read-only `fn(*args)` on the reader's thread (the writer's without one)."""
+        if self._reader is None:
+            return await self._call(fn, *args)
+        try:
+            return await self._reader.run(fn, *args)
+        except sqlite3.OperationalError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNAVAILABLE_CODES:
+                raise StorageUnavailable(f"SQLite database {self._path}: {exc}") from exc
+            raise
+
     @property
     def _db(self) -> sqlite3.Connection:
+        reading = read_connection()  # set on the reader's thread only
+        if reading is not None:
+            return reading
         if self._conn is None:
             raise RuntimeError("SqliteStore is not open (use `async with`)")
         return self._conn
@@ -247,7 +272,7 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
             ).fetchall()
             return Page([_tenant(r) for r in rows], total[0])
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     async def update_tenant(
         self,
@@ -280,18 +305,22 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
     async def delete_tenant(self, scope: Scope, tenant_id: UUID) -> None:
         """Delete a tenant with its users, devices and telemetry."""
 
-        def run() -> None:
+        def run() -> list[UUID]:
             with _transaction(self._db):
                 self._tenant_row(scope, tenant_id)
-                # Telemetry has no foreign key (bulk-insert speed): remove it explicitly.
-                self._db.execute(
-                    "DELETE FROM telemetry WHERE device_id IN"
-                    " (SELECT id FROM devices WHERE tenant_id = ?)",
-                    (tenant_id.bytes,),
-                )
+                # Telemetry has no foreign key (bulk-insert speed): it is purged after the
+                # commit, a batch at a time (sqlite_purge).
+                ids = [
+                    UUID(bytes=r[0])
+                    for r in self._db.execute(
+                        "SELECT id FROM devices WHERE tenant_id = ?", (tenant_id.bytes,)
+                    )
+                ]
+                queue_purges(self._db, ids)
                 self._db.execute("DELETE FROM tenants WHERE id = ?", (tenant_id.bytes,))
+                return ids
 
-        await self._call(run)
+        await self._purge(await self._call(run))
 
     # --- users -------------------------------------------------------------------------
     async def create_user(
@@ -368,7 +397,7 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
             ).fetchall()
             return Page([_user(r) for r in rows], total[0])
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     async def update_user(
         self,
@@ -494,7 +523,7 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
             ).fetchall()
             return Page([_device(r) for r in rows], total[0])
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     async def update_device(
         self,
@@ -548,10 +577,12 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
         def run() -> None:
             with _transaction(self._db):
                 self._device_row(scope, device_id)
-                self._db.execute("DELETE FROM telemetry WHERE device_id = ?", (device_id.bytes,))
+                # Its points are purged after the commit, a batch at a time (sqlite_purge).
+                queue_purges(self._db, [device_id])
                 self._db.execute("DELETE FROM devices WHERE id = ?", (device_id.bytes,))
 
         await self._call(run)
+        await self._purge([device_id])
 
 
 def _device_error(exc: sqlite3.IntegrityError, name: str, tenant_id: UUID) -> Exception:
