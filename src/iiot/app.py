@@ -16,11 +16,15 @@ from contextlib import AsyncExitStack
 from typing import Literal, Self
 
 from iiot.adapters.base import Component
-from iiot.bus import CommandRouter, LiveBus
+from iiot.bus import LiveBus
 from iiot.codec import Limits
 from iiot.config import Settings
+from iiot.control.attributes import AttributeService
+from iiot.control.commands import CommandService
+from iiot.control.inbox import ControlInbox
 from iiot.errors import Conflict
 from iiot.ingest import Ingestor
+from iiot.links import DeviceLinks
 from iiot.metrics import Metrics
 from iiot.model import Role
 from iiot.pipeline import Pipeline, PipelineSettings
@@ -139,6 +143,13 @@ class Platform:
                 metrics,
                 Limits(settings.max_message_bytes, settings.max_points_per_message),
             )
+            links = DeviceLinks()
+            commands = await self._stack.enter_async_context(
+                CommandService(store, bus, links, metrics, distributed=self.role != "all")
+            )
+            attributes = await self._stack.enter_async_context(
+                AttributeService(store, bus, links)
+            )
             self._services = Services(
                 settings=settings,
                 store=store,
@@ -147,8 +158,11 @@ class Platform:
                 registry=registry,
                 pipeline=pipeline,
                 ingestor=ingestor,
-                commands=CommandRouter(),
+                commands=commands,
+                attributes=attributes,
                 health=HealthBoard(),
+                links=links,
+                inbox=ControlInbox(commands, attributes),
             )
             for component in build_components(self._services, self.role):
                 await self._stack.enter_async_context(component)

@@ -258,14 +258,12 @@ class AmqpAdapter:
             supervise(f"AMQP {_safe_url(self._url)}", self._serve, log, self._set_state),
             name="amqp-supervisor",
         )
-        self._services.commands.register(self)
         # A broker that is down must not stop the platform: wait briefly, then go on
         # (readiness says "down" and the supervisor keeps trying).
         await self.wait_connected(5.0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._services.commands.unregister(self)
         session = self._session
         if session is not None and session.consumer_tag is not None:
             # Stop new deliveries first; what was prefetched but not started is requeued

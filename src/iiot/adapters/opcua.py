@@ -25,6 +25,7 @@ from iiot.adapters.opcua_pki import APPLICATION_URI, Pki
 from iiot.adapters.opcua_space import AddressSpaceSync, MethodCallback
 from iiot.adapters.opcua_transport import PlatformServer
 from iiot.bus import LiveEvent
+from iiot.control.rules import CommandRequest
 from iiot.errors import ConfigError, NotFound, StorageUnavailable
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait
@@ -185,8 +186,12 @@ class OpcUaServer:
             return ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown)
         except StorageUnavailable:
             return ua.StatusCode(ua.StatusCodes.BadResourceUnavailable)
+        # The device hears of it as a persistent one-way command (delivered when it listens).
         await self._services.commands.send(
-            device, {"method": "SetStatus", "params": {"status": status}}
+            None,
+            device,
+            CommandRequest("SetStatus", {"status": status}, oneway=True, persistent=True),
+            None,
         )
         log.info("OPC UA: %s set status of device %s to %r", user.name, device_id, status)
         return []

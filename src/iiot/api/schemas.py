@@ -15,7 +15,6 @@ from iiot.model import Device, Role, Tenant, User
 from iiot.security import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
 
 __all__ = [
-    "CommandResult",
     "DeviceCreate",
     "DeviceOut",
     "DevicePage",
@@ -247,12 +246,6 @@ class DevicePage(BaseModel):
 
     items: list[DeviceOut]
     total: int
-
-
-class CommandResult(BaseModel):
-    """The transports that accepted the command for delivery."""
-
-    delivered: list[str]
 
 
 # --- telemetry ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
 from iiot.storage import _common, pg_latest
 from iiot.storage.base import Page, Scope, TelemetryQuery
+from iiot.storage.control_pg import PgControlStore
 
 __all__ = ["PG_CURRENT_LATEST", "PostgresStore", "lock_out_writers"]
 
@@ -301,6 +302,7 @@ class PostgresStore:
         # Devices known to exist, valid while the count of deletions stays the same.
         self._alive: set[UUID] = set()
         self._deletions_seen: int | None = None
+        self.control = PgControlStore(self._run)  # commands and attributes
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:

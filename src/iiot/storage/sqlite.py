@@ -24,6 +24,7 @@ from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
 from iiot.storage import _common
 from iiot.storage.base import Page, Scope, TelemetryQuery
+from iiot.storage.control_sqlite import SqliteControlStore
 
 __all__ = ["SqliteStore"]
 
@@ -147,6 +148,7 @@ class SqliteStore:
         self._busy_timeout = busy_timeout
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self.control = SqliteControlStore(self._call, lambda: self._db)  # commands, attributes
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
