@@ -73,6 +73,9 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
             from iiot.adapters.amqp import AmqpAdapter
 
             components.append(AmqpAdapter(services))
+            from iiot.adapters.amqp_commands import AmqpCommandChannel
+
+            components.append(AmqpCommandChannel(services))
         else:
             health.set("amqp", "off", "IIOT_AMQP_URL unset")
             log.info("AMQP ingestion off (IIOT_AMQP_URL unset)")
