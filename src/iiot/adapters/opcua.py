@@ -20,6 +20,7 @@ from asyncua import ua as _ua
 from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import CURRENT_USER, NodeOwners, TenantInternalServer
 from iiot.adapters.opcua_auth import PlatformUserManager
+from iiot.adapters.opcua_commands import CommandNodes
 from iiot.adapters.opcua_history import StoreHistory
 from iiot.adapters.opcua_pki import APPLICATION_URI, Pki
 from iiot.adapters.opcua_space import AddressSpaceSync, MethodCallback
@@ -59,6 +60,7 @@ class OpcUaServer:
         self._queue: asyncio.Queue[LiveEvent] | None = None
         self._task: asyncio.Task[None] | None = None
         self._ns = -1
+        self._control: CommandNodes | None = None  # SendCommand and attribute nodes
 
     @property
     def endpoint(self) -> str:
@@ -122,6 +124,8 @@ class OpcUaServer:
             server, self._ns, services.store, owners, self._set_status_for
         )
         await self._sync.build()
+        self._control = CommandNodes(server, self._ns, services)
+        await self._control.build()
         try:
             await server.start()
         except OSError as exc:
@@ -150,6 +154,8 @@ class OpcUaServer:
             event = await queue.get()
             try:
                 await sync.apply(event)
+                if self._control is not None:
+                    await self._control.apply(event)
             except StorageUnavailable:
                 log.warning("OPC UA: database unavailable while applying a live event; skipped")
             except Exception:  # one bad event must not stop live values for every client
