@@ -63,6 +63,9 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
             from iiot.adapters.mqtt import MqttAdapter
 
             components.append(MqttAdapter(services))
+            from iiot.adapters.mqtt_commands import MqttCommandChannel
+
+            components.append(MqttCommandChannel(services))
         elif settings.mqtt_port:
             from iiot.adapters.broker import EmbeddedBroker
 

@@ -36,6 +36,7 @@ _SWEEP_S = 0.5
 _RECHECK_S = 1.0  # waiters re-read the command this often in case an event was lost
 _UNCLAIMED_GRACE_S = 2.0  # split roles: how long a lightweight command may wait for a taker
 _BATCH = 200
+_LINK_FAILED_PAUSE_S = 1.0  # after a link failed: wait before trying the device's links again
 
 
 class CommandService:
@@ -59,6 +60,7 @@ class CommandService:
         self._waiters: dict[UUID, set[asyncio.Event]] = {}
         self._device_locks: dict[UUID, asyncio.Lock] = {}
         self._pending_flush: set[UUID] = set()
+        self._paused: dict[UUID, float] = {}  # device -> loop time until which not to retry
         self._tasks: set[asyncio.Task[Any]] = set()
         self._main: list[asyncio.Task[Any]] = []
         self._queue: asyncio.Queue[Any] | None = None
@@ -191,6 +193,7 @@ class CommandService:
     # --- delivery ------------------------------------------------------------------------
     def _on_link(self, device: Device, link: DeviceLink, attached: bool) -> None:
         if attached and link.listens_commands:
+            self._paused.pop(device.id, None)  # a new link: try at once
             self._schedule_flush(device.id)
 
     def _schedule_flush(self, device_id: UUID) -> None:
@@ -200,6 +203,16 @@ class CommandService:
         self._spawn(self._flush(device_id))
 
     async def _flush(self, device_id: UUID) -> None:
+        # A link that just failed is not hammered: commands re-queued by its failure wait.
+        pause = self._paused.get(device_id)
+        if pause is not None:
+            left = pause - asyncio.get_running_loop().time()
+            if left > 0:
+                await asyncio.sleep(left)
+            self._paused.pop(device_id, None)
+        await self._flush_now(device_id)
+
+    async def _flush_now(self, device_id: UUID) -> None:
         """Deliver the device's QUEUED commands in creation order through its links here."""
         lock = self._device_locks.setdefault(device_id, asyncio.Lock())
         async with lock:
@@ -220,6 +233,9 @@ class CommandService:
                     link = links[0]
                     if not await self._deliver(command, link):
                         failed.add(id(link))
+                        self._paused[device_id] = (
+                            asyncio.get_running_loop().time() + _LINK_FAILED_PAUSE_S
+                        )
                         break
                 else:
                     if len(queued) < _BATCH:
@@ -242,6 +258,7 @@ class CommandService:
         try:
             confirmed = await link.deliver_command(outbound)
         except DeliveryFailed as exc:
+            log.info("command %s not delivered over %s: %s", sent.id, link.protocol, exc)
             await self._move(sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}")
             return False
         except Exception as exc:  # a broken adapter must not lose the command
