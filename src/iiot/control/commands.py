@@ -57,7 +57,8 @@ class CommandService:
         self._links = links
         self._metrics = metrics
         self._distributed = distributed
-        self._waiters: dict[UUID, set[asyncio.Event]] = {}
+        # Waiting senders by command; each hears the newest status seen on the bus.
+        self._waiters: dict[UUID, set[_Waiter]] = {}
         self._device_locks: dict[UUID, asyncio.Lock] = {}
         self._pending_flush: set[UUID] = set()
         self._paused: dict[UUID, float] = {}  # device -> loop time until which not to retry
@@ -139,21 +140,26 @@ class CommandService:
         at the timeout an open lightweight command becomes TIMEOUT."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        event = asyncio.Event()
-        self._waiters.setdefault(command.id, set()).add(event)
+        waiter = _Waiter()
+        self._waiters.setdefault(command.id, set()).add(waiter)
         try:
             while not _settled(command):
                 left = deadline - loop.time()
                 if left <= 0:
                     break
+                woken = False
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(left, _RECHECK_S))
-                event.clear()
-                command = await self._store.control.get_command(scope, command.id)
+                    await asyncio.wait_for(waiter.event.wait(), min(left, _RECHECK_S))
+                    woken = True
+                waiter.event.clear()
+                # Read the stored command when the bus says it is settled, or now and then
+                # in case an event was lost; intermediate states need no read.
+                if not woken or waiter.settled:
+                    command = await self._store.control.get_command(scope, command.id)
         finally:
             waiters = self._waiters.get(command.id)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.discard(waiter)
                 if not waiters:
                     del self._waiters[command.id]
         if not _settled(command) and not command.persistent:
@@ -365,7 +371,8 @@ class CommandService:
             except (KeyError, ValueError):
                 continue
             for waiter in self._waiters.get(command_id, ()):
-                waiter.set()
+                waiter.settled = waiter.settled or _settled_data(event.data)
+                waiter.event.set()
             device_id = event.device_id
             if event.kind == "QUEUED" and device_id and self._links.connected(device_id):
                 self._schedule_flush(device_id)
@@ -379,6 +386,26 @@ class CommandService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("command task failed: %s", task.exception())
+
+
+class _Waiter:
+    """A sender waiting for its command: woken by the bus, told when it is settled."""
+
+    __slots__ = ("event", "settled")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.settled = False
+
+
+def _settled_data(data: Any) -> bool:
+    """`_settled` on a command's REST representation (a bus event's data)."""
+    status = data.get("status")
+    if status in ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED"):
+        return True
+    if status == "TIMEOUT":
+        return True  # read it: whether a retry follows is in the stored deadline
+    return bool(data.get("oneway")) and status == "DELIVERED"
 
 
 def _settled(command: Command) -> bool:

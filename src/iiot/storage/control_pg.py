@@ -37,7 +37,30 @@ WITH u AS (
 ), t AS (
     INSERT INTO command_transitions (command_id, status, ts) SELECT id, status, updated_at FROM u
 )
-SELECT * FROM u
+SELECT u.*,
+    ARRAY(SELECT status FROM command_transitions WHERE command_id = u.id ORDER BY seq) AS t_status,
+    ARRAY(SELECT ts FROM command_transitions WHERE command_id = u.id ORDER BY seq) AS t_ts
+FROM u
+"""
+_GET = f"""
+SELECT {_COLS},
+    ARRAY(SELECT status FROM command_transitions WHERE command_id = $1 ORDER BY seq) AS t_status,
+    ARRAY(SELECT ts FROM command_transitions WHERE command_id = $1 ORDER BY seq) AS t_ts
+FROM commands WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
+"""
+# One statement: the device's scope check, the command and its first transition.
+_CREATE = f"""
+WITH d AS (
+    SELECT id FROM devices WHERE id = $3 AND ($13::uuid IS NULL OR tenant_id = $13)
+), c AS (
+    INSERT INTO commands ({_COLS})
+    SELECT $1, $2, d.id, $4, $5, $6, $7, $8, $9, $10, 0, 'QUEUED', NULL, NULL, $11, NULL, $12, $12
+    FROM d
+    RETURNING {_COLS}
+), t AS (
+    INSERT INTO command_transitions (command_id, status, ts) SELECT id, 'QUEUED', $12 FROM c
+)
+SELECT * FROM c
 """
 
 
@@ -103,31 +126,24 @@ class PgControlStore:
         """Store a QUEUED command with its first transition."""
 
         async def op(conn: Any) -> Command:
-            async with conn.transaction():
-                await _check_device(conn, scope, command.device_id)
-                row = await conn.fetchrow(
-                    f"INSERT INTO commands ({_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
-                    " $9, $10, 0, 'QUEUED', NULL, NULL, $11, NULL, $12, $12)"
-                    f" RETURNING {_COLS}",
-                    uuid4(),
-                    command.tenant_id,
-                    command.device_id,
-                    command.method,
-                    json.dumps(command.params),
-                    command.oneway,
-                    command.persistent,
-                    command.timeout_ms,
-                    command.expires_at,
-                    command.retries,
-                    command.sent_by,
-                    now,
-                )
-                await conn.execute(
-                    "INSERT INTO command_transitions (command_id, status, ts)"
-                    " VALUES ($1, 'QUEUED', $2)",
-                    row["id"],
-                    now,
-                )
+            row = await conn.fetchrow(
+                _CREATE,
+                uuid4(),
+                command.tenant_id,
+                command.device_id,
+                command.method,
+                json.dumps(command.params),
+                command.oneway,
+                command.persistent,
+                command.timeout_ms,
+                command.expires_at,
+                command.retries,
+                command.sent_by,
+                now,
+                scope,
+            )
+            if row is None:
+                raise NotFound(f"device {command.device_id} not found")
             return _command(row, [("QUEUED", now)])
 
         result: Command = await self._run(op, retry=False)
@@ -137,15 +153,10 @@ class PgControlStore:
         """One command with its transitions."""
 
         async def op(conn: Any) -> Command:
-            row = await conn.fetchrow(
-                f"SELECT {_COLS} FROM commands WHERE id = $1"
-                " AND ($2::uuid IS NULL OR tenant_id = $2)",
-                command_id,
-                scope,
-            )
+            row = await conn.fetchrow(_GET, command_id, scope)
             if row is None:
                 raise NotFound(f"command {command_id} not found")
-            return (await _with_transitions(conn, [row]))[0]
+            return _command(row, list(zip(row["t_status"], row["t_ts"], strict=True)))
 
         result: Command = await self._run(op)
         return result
@@ -191,24 +202,26 @@ class PgControlStore:
         """Conditional move with its transition row, in one statement."""
 
         async def op(conn: Any) -> Command | None:
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    _TRANSITION,
-                    command_id,
-                    list(allowed_from),
-                    to,
-                    now,
-                    deadline,
-                    response is not UNSET,
-                    None if response is UNSET else json.dumps(response),
-                    error,
-                    1 if count_attempt else 0,
-                    scope,
-                    device_id,
-                )
-                if row is None:
-                    return None
-                return (await _with_transitions(conn, [row]))[0]
+            # One statement, atomic by itself; its transition arrays were read before the
+            # new row, which is appended here.
+            row = await conn.fetchrow(
+                _TRANSITION,
+                command_id,
+                list(allowed_from),
+                to,
+                now,
+                deadline,
+                response is not UNSET,
+                None if response is UNSET else json.dumps(response),
+                error,
+                1 if count_attempt else 0,
+                scope,
+                device_id,
+            )
+            if row is None:
+                return None
+            history = [*zip(row["t_status"], row["t_ts"], strict=True), (to, now)]
+            return _command(row, history)
 
         result: Command | None = await self._run(op, retry=False)
         return result
