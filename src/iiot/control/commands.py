@@ -143,6 +143,8 @@ class CommandService:
         waiter = _Waiter()
         self._waiters.setdefault(command.id, set()).add(waiter)
         try:
+            # Events before this waiter existed are not heard: start from the stored state.
+            command = await self._store.control.get_command(scope, command.id)
             while not _settled(command):
                 left = deadline - loop.time()
                 if left <= 0:
