@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.e2e.api_helpers import Api, api_platform
 
@@ -186,8 +187,16 @@ async def test_offline_device_and_reconnect(tmp_path: Path, pg_url: str) -> None
         assert idle.status_code == 408
 
 
-async def test_expiry_retries_cancel_and_roles(tmp_path: Path, pg_url: str) -> None:
-    async with api_platform(tmp_path, IIOT_DATABASE_URL=pg_url) as api:
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The platform's database: its embedded SQLite file, or a fresh PostgreSQL one."""
+    if request.param == "sqlite":
+        return {}
+    return {"IIOT_DATABASE_URL": str(request.getfixturevalue("pg_url"))}
+
+
+async def test_expiry_retries_cancel_and_roles(tmp_path: Path, database: dict[str, str]) -> None:
+    async with api_platform(tmp_path, **database) as api:
         tenant, device = await _device(api)
         token = device["token"]
         url = f"/api/devices/{device['id']}/commands"
