@@ -18,7 +18,7 @@ from tests.support import free_port
 
 
 @contextlib.asynccontextmanager
-async def _observer(url: str) -> AsyncIterator[asyncio.Queue[Any]]:
+async def coap_observer(url: str) -> AsyncIterator[asyncio.Queue[Any]]:
     """`coap-client -s` observing `url`; yields each JSON notification as it arrives."""
     proc = await asyncio.create_subprocess_exec(
         coap_client(),
@@ -79,7 +79,7 @@ async def test_coap_client_observes_commands_and_attributes(tmp_path: Path, pg_u
         queued = await api.ok(
             "POST", url, 202, json={"method": "early", "persistent": True}, headers=api.admin
         )
-        async with _observer(f"{base}/rpc") as notifications:
+        async with coap_observer(f"{base}/rpc") as notifications:
             first = await asyncio.wait_for(notifications.get(), 20)
             assert first == {"id": queued["id"], "method": "early", "params": {}}
             await run_coap_client("-m", "post", "-e", '"ok"', f"{base}/rpc/{first['id']}")
@@ -106,7 +106,7 @@ async def test_coap_client_observes_commands_and_attributes(tmp_path: Path, pg_u
             path = [t["status"] for t in reply["transitions"]]
             assert path == ["QUEUED", "SENT", "DELIVERED", "SUCCESSFUL"]
 
-        async with _observer(f"{base}/attributes") as updates:
+        async with coap_observer(f"{base}/attributes") as updates:
             await _until_attached(api, device["id"])
             await api.ok(
                 "PUT",

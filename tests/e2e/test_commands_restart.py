@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
+import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import paho.mqtt.client as paho
 
+from tests.e2e.test_coap_device_api import run_coap_client
+from tests.e2e.test_commands_coap import coap_observer
+from tests.integration.test_mqtt_support import connect, private_mosquitto
 from tests.support import ADMIN_PASSWORD, free_port, platform_env, platform_process
 
 
@@ -135,3 +142,98 @@ async def test_command_made_in_one_process_reaches_a_device_on_another(
             taken = await _take_and_answer(holder, token, "ok")
             assert taken["id"] == queued["id"]
             assert (await _status(sender, admin, queued["id"]))["status"] == "SUCCESSFUL"
+
+
+async def test_sigkill_while_sent_through_the_external_broker(tmp_path: Path, pg_url: str) -> None:
+    """A command really left SENT (the broker took it, the device never answered) is sent
+    again after a SIGKILL and restart, with the same id, and the answer completes it."""
+
+    port = free_port()
+    with private_mosquitto(tmp_path) as broker:
+        env = platform_env(
+            tmp_path / "platform",
+            IIOT_HTTP_PORT=str(port),
+            IIOT_DATABASE_URL=pg_url,
+            IIOT_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
+        )
+        seen: list[str] = []
+        answering = threading.Event()
+        got_one = threading.Event()
+        with platform_process(env) as proc:
+            async with _client(port) as (client, admin):
+                device = await _setup(client, admin)
+                did = device["id"]
+                mqtt = connect(broker.port, None, None, f"device-{did}")
+
+                def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
+                    command_id = message.topic.rsplit("/", 1)[1]
+                    seen.append(command_id)
+                    got_one.set()
+                    if answering.is_set():
+                        c.publish(message.topic + "/reply", json.dumps({"ok": True}), qos=1)
+
+                mqtt.on_message = on_message
+                mqtt.subscribe(f"devices/{did}/commands/+", qos=1)
+                try:
+                    command = await _persistent(client, admin, device, "stuck")
+                    assert await asyncio.to_thread(got_one.wait, 15)
+                    state = (
+                        await client.get(f"/api/commands/{command['id']}", headers=admin)
+                    ).json()
+                    assert state["status"] == "SENT"  # the broker's PUBACK proves nothing more
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    answering.set()
+                    with platform_process(env):
+                        async with _client(port) as (client2, admin2):
+                            done = await _status(client2, admin2, command["id"])
+                            assert done["status"] == "SUCCESSFUL" and done["response"] == {
+                                "ok": True
+                            }
+                            assert set(seen) == {command["id"]} and len(seen) >= 2
+                finally:
+                    mqtt.loop_stop()
+                    mqtt.disconnect()
+
+
+async def test_command_from_the_api_process_reaches_a_device_on_the_ingest_process(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """`--role api` beside `--role ingest`: the device observes over CoAP on the ingest one."""
+
+    api_port, ops_port = free_port(), free_port()
+    coap_port = free_port(socket.SOCK_DGRAM)
+    api_env = platform_env(tmp_path / "api", IIOT_HTTP_PORT=str(api_port), IIOT_DATABASE_URL=pg_url)
+    ingest_env = platform_env(
+        tmp_path / "ingest",
+        IIOT_HTTP_PORT=str(ops_port),
+        IIOT_DATABASE_URL=pg_url,
+        IIOT_COAP_PORT=str(coap_port),
+    )
+    with (
+        platform_process(api_env, "--role", "api"),
+        platform_process(ingest_env, "--role", "ingest"),
+    ):
+        async with _client(api_port) as (client, admin):
+            device = await _setup(client, admin)
+            base = f"coap://127.0.0.1:{coap_port}/api/v1/{device['token']}"
+            queued = await _persistent(client, admin, device, "whileAway")
+            async with coap_observer(f"{base}/rpc") as notifications:
+                first = await asyncio.wait_for(notifications.get(), 20)
+                assert first["id"] == queued["id"]
+                await run_coap_client("-m", "post", "-e", '"ok"', f"{base}/rpc/{first['id']}")
+                assert (await _status(client, admin, queued["id"]))["status"] == "SUCCESSFUL"
+
+                async def device_answers() -> None:
+                    command = await asyncio.wait_for(notifications.get(), 20)
+                    await run_coap_client("-m", "post", "-e", "42", f"{base}/rpc/{command['id']}")
+
+                answering = asyncio.create_task(device_answers())
+                answer = await client.post(
+                    f"/api/devices/{device['id']}/commands", json={"method": "read"}, headers=admin
+                )
+                await answering
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["response"] == 42
+                path = [t["status"] for t in answer.json()["transitions"]]
+                assert path == ["QUEUED", "SENT", "DELIVERED", "SUCCESSFUL"]
