@@ -93,6 +93,8 @@ async def test_queue_order_due_commands_and_attributes(store: Store) -> None:
     second = await control.create_command(None, _new(tenant.id, device.id), 101)
     queued = await control.queued_commands(None, device.id, 10)
     assert [c.id for c in queued] == [first.id, second.id]
+    assert await control.queued_devices(None, 101, 10) == [device.id]
+    assert await control.queued_devices(None, 99, 10) == []
     await control.transition_command(None, first.id, "SENT", ("QUEUED",), 150, deadline=500)
     due = await control.due_commands(None, 600, 10)
     assert [c.id for c in due] == [first.id]  # past its deadline; the other is not due

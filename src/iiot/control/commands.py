@@ -36,7 +36,11 @@ _SWEEP_S = 0.5
 _RECHECK_S = 1.0  # waiters re-read the command this often in case an event was lost
 _UNCLAIMED_GRACE_S = 2.0  # split roles: how long a lightweight command may wait for a taker
 _BATCH = 200
-_LINK_FAILED_PAUSE_S = 1.0  # after a link failed: wait before trying the device's links again
+_LINK_FAILED_PAUSE_S = 1.0
+# Every this many sweeps, QUEUED commands of devices with a link here are delivered even if
+# their event was lost (a bus queue that overflowed, a bridge that reconnected).
+_RESCUE_EVERY = 10
+_RESCUE_AGE_MS = 2000  # after a link failed: wait before trying the device's links again
 
 
 class CommandService:
@@ -290,9 +294,13 @@ class CommandService:
 
     # --- timeouts and expiry -------------------------------------------------------------
     async def _sweep_forever(self) -> None:
+        rounds = 0
         while True:
+            rounds += 1
             try:
                 await self.sweep()
+                if rounds % _RESCUE_EVERY == 0:
+                    await self._rescue_queued()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # storage down: try again on the next round
@@ -309,6 +317,12 @@ class CommandService:
                 await self._move(command, "QUEUED", ("TIMEOUT",))
             elif command.status in ("SENT", "DELIVERED"):
                 await self._time_out(command)
+
+    async def _rescue_queued(self) -> None:
+        before = now_ms() - _RESCUE_AGE_MS
+        for device_id in await self._store.control.queued_devices(None, before, 10_000):
+            if self._links.connected(device_id):
+                self._schedule_flush(device_id)
 
     async def _time_out(self, command: Command) -> None:
         # A persistent command the device never confirmed did not reach it: queue it again

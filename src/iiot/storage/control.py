@@ -170,6 +170,10 @@ class ControlStore(Protocol):
         """Open commands past their deadline or expiry (for the sweeper)."""
         ...
 
+    async def queued_devices(self, scope: Scope, before: int, limit: int) -> list[UUID]:
+        """Devices with a command QUEUED since before `before` (Unix ms)."""
+        ...
+
     async def stale_sent_commands(self, scope: Scope, limit: int) -> list[Command]:
         """Persistent commands left SENT (for a restart of a single-process platform)."""
         ...

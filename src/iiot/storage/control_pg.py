@@ -260,6 +260,22 @@ class PgControlStore:
         result: list[Command] = await self._run(op)
         return result
 
+    async def queued_devices(self, scope: Scope, before: int, limit: int) -> list[UUID]:
+        """Devices with a command QUEUED since before `before`."""
+
+        async def op(conn: Any) -> list[UUID]:
+            rows = await conn.fetch(
+                "SELECT DISTINCT device_id FROM commands WHERE status = 'QUEUED'"
+                " AND updated_at <= $1 AND ($2::uuid IS NULL OR tenant_id = $2) LIMIT $3",
+                before,
+                scope,
+                limit,
+            )
+            return [r["device_id"] for r in rows]
+
+        result: list[UUID] = await self._run(op)
+        return result
+
     async def stale_sent_commands(self, scope: Scope, limit: int) -> list[Command]:
         """Persistent commands left SENT."""
 

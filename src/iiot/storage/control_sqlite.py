@@ -267,6 +267,20 @@ class SqliteControlStore:
         result: list[Command] = await self._call(self._select, where, args)
         return result
 
+    async def queued_devices(self, scope: Scope, before: int, limit: int) -> list[UUID]:
+        """Devices with a command QUEUED since before `before`."""
+
+        def run() -> list[UUID]:
+            rows = self._db().execute(
+                "SELECT DISTINCT device_id FROM commands WHERE status = 'QUEUED'"
+                " AND updated_at <= ? AND (? IS NULL OR tenant_id = ?) LIMIT ?",
+                (before, _b(scope), _b(scope), limit),
+            )
+            return [UUID(bytes=r[0]) for r in rows.fetchall()]
+
+        result: list[UUID] = await self._call(run)
+        return result
+
     async def stale_sent_commands(self, scope: Scope, limit: int) -> list[Command]:
         """Persistent commands left SENT."""
         where = (

@@ -103,7 +103,9 @@ async def send_command(
     command = await services.commands.send(principal.scope, device, request, principal.user.id)
     if command.persistent:
         return JSONResponse(command.rest(), status_code=202)
-    wait_s = max(0.0, (command.expires_at - now_ms()) / 1000)
+    # The request holds for every attempt, never past the command's expiry.
+    attempts_s = command.timeout_ms * (command.retries + 1) / 1000
+    wait_s = max(0.0, min(attempts_s, (command.expires_at - now_ms()) / 1000))
     command = await services.commands.wait(principal.scope, command, wait_s)
     done = command.status == "SUCCESSFUL" or (command.oneway and command.status == "DELIVERED")
     return JSONResponse(command.rest(), status_code=200 if done else 504)
