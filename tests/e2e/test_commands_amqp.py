@@ -38,8 +38,10 @@ async def test_amqp_device_gets_commands_and_replies(
         )
         await asyncio.sleep(1.0)
         waiting = await api.ok("GET", f"/api/commands/{early['id']}", headers=api.admin)
-        assert waiting["status"] == "QUEUED"  # no queue bound: never DELIVERED
-        assert "DELIVERED" not in [t["status"] for t in waiting["transitions"]]
+        assert waiting["status"] in ("QUEUED", "SENT")  # no queue bound: never DELIVERED
+        path = [t["status"] for t in waiting["transitions"]]
+        assert "DELIVERED" not in path
+        assert path.count("SENT") <= 1  # one look for the device's queue, not a busy loop
 
         received: list[dict[str, Any]] = []
         connection = await aio_pika.connect(amqp_url, timeout=10)

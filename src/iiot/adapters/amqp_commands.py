@@ -49,6 +49,9 @@ REPLY_QUEUE = "replies"
 REPLY_BINDING = "replies.*"
 TOKEN_HEADER = "token"
 _TIMEOUT_S = 10.0
+# After a command came back unroutable, queued commands do not probe the device's queue
+# again for this long (its "I listen" message does at once).
+_REPROBE_S = 30.0
 _ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
@@ -99,6 +102,7 @@ class AmqpCommandChannel:
         self._queue: asyncio.Queue[LiveEvent] | None = None
         self._links: dict[UUID, AmqpLink] = {}
         self._probing: set[UUID] = set()
+        self._unroutable: dict[UUID, float] = {}  # device -> when its queue was missing
 
     def describe(self) -> str:
         """One line for the start-up log."""
@@ -159,6 +163,7 @@ class AmqpCommandChannel:
 
     def drop_link(self, device_id: UUID, link: AmqpLink) -> None:
         """The device has no bound queue (any more)."""
+        self._unroutable[device_id] = asyncio.get_running_loop().time()
         if self._links.get(device_id) is link:
             del self._links[device_id]
         self._services.links.detach(device_id, link)
@@ -175,6 +180,11 @@ class AmqpCommandChannel:
                 continue
             if self._services.links.connected(device_id) or device_id in self._probing:
                 continue
+            missing_since = self._unroutable.get(device_id)
+            if missing_since is not None:
+                if asyncio.get_running_loop().time() - missing_since < _REPROBE_S:
+                    continue
+                del self._unroutable[device_id]
             self._probing.add(device_id)
             try:
                 await self._attach(device_id)
@@ -229,6 +239,7 @@ class AmqpCommandChannel:
             raise DeliveryFailed("a reply needs the device's token header")
         device = await self._services.registry.authenticate_id(device_id, token)
         if not message.correlation_id:
+            self._unroutable.pop(device.id, None)
             await self._attach(device.id)  # "I listen now"
             return
         try:
