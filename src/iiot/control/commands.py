@@ -36,7 +36,8 @@ _SWEEP_S = 0.5
 _RECHECK_S = 1.0  # waiters re-read the command this often in case an event was lost
 _UNCLAIMED_GRACE_S = 2.0  # split roles: how long a lightweight command may wait for a taker
 _BATCH = 200
-_LINK_FAILED_PAUSE_S = 1.0
+_LINK_FAILED_PAUSE_S = 1.0  # doubled after each failure in a row, up to the maximum
+_LINK_FAILED_PAUSE_MAX_S = 30.0
 # Every this many sweeps, QUEUED commands of devices with a link here are delivered even if
 # their event was lost (a bus queue that overflowed, a bridge that reconnected).
 _RESCUE_EVERY = 10
@@ -66,6 +67,7 @@ class CommandService:
         self._device_locks: dict[UUID, asyncio.Lock] = {}
         self._pending_flush: set[UUID] = set()
         self._paused: dict[UUID, float] = {}  # device -> loop time until which not to retry
+        self._failures: dict[UUID, int] = {}  # device -> link failures in a row
         self._tasks: set[asyncio.Task[Any]] = set()
         self._main: list[asyncio.Task[Any]] = []
         self._queue: asyncio.Queue[Any] | None = None
@@ -206,6 +208,7 @@ class CommandService:
     def _on_link(self, device: Device, link: DeviceLink, attached: bool) -> None:
         if attached and link.listens_commands:
             self._paused.pop(device.id, None)  # a new link: try at once
+            self._failures.pop(device.id, None)
             self._schedule_flush(device.id)
 
     def _schedule_flush(self, device_id: UUID) -> None:
@@ -245,10 +248,15 @@ class CommandService:
                     link = links[0]
                     if not await self._deliver(command, link):
                         failed.add(id(link))
-                        self._paused[device_id] = (
-                            asyncio.get_running_loop().time() + _LINK_FAILED_PAUSE_S
+                        failures = self._failures.get(device_id, 0) + 1
+                        self._failures[device_id] = failures
+                        pause = min(
+                            _LINK_FAILED_PAUSE_S * 2 ** min(failures - 1, 10),
+                            _LINK_FAILED_PAUSE_MAX_S,
                         )
+                        self._paused[device_id] = asyncio.get_running_loop().time() + pause
                         break
+                    self._failures.pop(device_id, None)
                 else:
                     if len(queued) < _BATCH:
                         break
