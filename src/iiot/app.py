@@ -16,13 +16,17 @@ from contextlib import AsyncExitStack
 from typing import Literal, Self
 
 from iiot.adapters.base import Component
-from iiot.bus import CommandRouter, LiveBus
+from iiot.bus import LiveBus
 from iiot.codec import Limits
 from iiot.config import Settings
+from iiot.control.attributes import AttributeService
+from iiot.control.commands import CommandService
+from iiot.control.inbox import ControlInbox
 from iiot.device_identity import DeviceIdentity
 from iiot.errors import Conflict
 from iiot.filemodes import secure_data_dir
 from iiot.ingest import Ingestor
+from iiot.links import DeviceLinks
 from iiot.metrics import Metrics
 from iiot.model import Role
 from iiot.pipeline import Pipeline, PipelineSettings
@@ -64,6 +68,9 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
             from iiot.adapters.mqtt import MqttAdapter
 
             components.append(MqttAdapter(services))
+            from iiot.adapters.mqtt_commands import MqttCommandChannel
+
+            components.append(MqttCommandChannel(services))
             from iiot.adapters.mqtt_broker_stats import BrokerStats
 
             components.append(BrokerStats(services))
@@ -77,6 +84,9 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
             from iiot.adapters.amqp import AmqpAdapter
 
             components.append(AmqpAdapter(services))
+            from iiot.adapters.amqp_commands import AmqpCommandChannel
+
+            components.append(AmqpCommandChannel(services))
         else:
             health.set("amqp", "off", "IIOT_AMQP_URL unset")
             log.info("AMQP ingestion off (IIOT_AMQP_URL unset)")
@@ -154,6 +164,13 @@ class Platform:
                 Limits(settings.max_message_bytes, settings.max_points_per_message),
                 presence,
             )
+            links = DeviceLinks()
+            commands = await self._stack.enter_async_context(
+                CommandService(store, bus, links, metrics, distributed=self.role != "all")
+            )
+            attributes = await self._stack.enter_async_context(
+                AttributeService(store, bus, links)
+            )
             self._services = Services(
                 settings=settings,
                 store=store,
@@ -162,10 +179,13 @@ class Platform:
                 registry=registry,
                 pipeline=pipeline,
                 ingestor=ingestor,
-                commands=CommandRouter(),
+                commands=commands,
+                attributes=attributes,
                 health=HealthBoard(),
                 identity=DeviceIdentity(store, bus),
                 presence=presence,
+                links=links,
+                inbox=ControlInbox(commands, attributes),
             )
             for component in build_components(self._services, self.role):
                 await self._stack.enter_async_context(component)

@@ -1,4 +1,4 @@
-"""In-process live bus: committed telemetry, device and tenant changes, commands to devices.
+"""In-process live bus: committed telemetry, device and tenant changes, stored records.
 
 Subscribers get their own bounded queue; a subscriber that falls behind loses its oldest
 events (live values are a view; the database keeps every point), never slowing ingestion.
@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from uuid import UUID
 
 from iiot.model import Device, DevicePoints, Tenant
 
 __all__ = [
-    "CommandRouter",
-    "CommandTransport",
     "DeviceEvent",
     "LiveBus",
     "LiveEvent",
@@ -26,8 +23,6 @@ __all__ = [
     "TelemetryEvent",
     "TenantEvent",
 ]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,41 +151,3 @@ class LiveBus:
                 while queue.points and queue.points + points > queue.max_points:
                     queue.get_nowait()  # the same, bounded in points
             queue.put_nowait(event)
-
-
-class CommandTransport(Protocol):
-    """Something that can deliver a command to a device (AMQP, MQTT...)."""
-
-    name: str
-
-    async def send_command(self, device: Device, command: dict[str, Any]) -> None:
-        """Deliver the command or raise."""
-        ...
-
-
-class CommandRouter:
-    """Sends commands to devices over every transport that is enabled."""
-
-    def __init__(self) -> None:
-        self._transports: list[CommandTransport] = []
-
-    def register(self, transport: CommandTransport) -> None:
-        """Add a transport (called by an adapter when it starts)."""
-        self._transports.append(transport)
-
-    def unregister(self, transport: CommandTransport) -> None:
-        """Remove a transport (called by an adapter when it stops)."""
-        if transport in self._transports:
-            self._transports.remove(transport)
-
-    async def send(self, device: Device, command: dict[str, Any]) -> list[str]:
-        """Send a command; returns the names of the transports that took it."""
-        delivered: list[str] = []
-        for transport in list(self._transports):
-            try:
-                await transport.send_command(device, command)
-            except Exception:  # one broken transport must not stop the others
-                log.exception("command to device %s over %s failed", device.id, transport.name)
-            else:
-                delivered.append(transport.name)
-        return delivered

@@ -75,6 +75,13 @@ class Metrics:
             registry=r,
         )
 
+        self.command_transitions = Counter(
+            "iiot_command_transitions",
+            "Command state changes made by this process, by new state",
+            ["status"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from iiot.bus import CommandRouter, LiveBus
+from iiot.bus import LiveBus
 from iiot.config import Settings
+from iiot.control.attributes import AttributeService
+from iiot.control.commands import CommandService
 from iiot.device_identity import DeviceIdentity
 from iiot.ingest import Ingestor
 from iiot.links import DeviceInbox, DeviceLinks, UnsupportedInbox
@@ -51,7 +53,8 @@ class Services:
     registry: DeviceRegistry
     pipeline: Pipeline
     ingestor: Ingestor
-    commands: CommandRouter
+    commands: CommandService
+    attributes: AttributeService
     health: HealthBoard
     # Certificate logins and gateway children (`device_identity.py`).
     identity: DeviceIdentity

@@ -149,7 +149,15 @@ async def test_browse_and_read_latest_values_with_types_and_source_timestamps(wo
     async with world.client() as client:
         ns, node = await device_node(client, "acme", device["name"])
         names = {(await child.read_browse_name()).Name for child in await node.get_children()}
-        assert names == {"Status", "SetStatus", "temperature", "count", "running", "mode"}
+        assert names == {
+            "Status",
+            "SetStatus",
+            "SendCommand",
+            "temperature",
+            "count",
+            "running",
+            "mode",
+        }
         expected = {
             "temperature": (21.5, ua.VariantType.Double),
             "count": (7.0, ua.VariantType.Double),

@@ -18,7 +18,9 @@ import aio_pika
 import aiormq
 import pytest
 
-from iiot.adapters.amqp import COMMAND_EXCHANGE, AmqpAdapter
+from iiot.adapters.amqp import AmqpAdapter
+from iiot.adapters.amqp_commands import COMMAND_EXCHANGE
+from iiot.control.rules import CommandRequest
 from tests.amqp_support import make_devices, reset_broker
 from tests.support import platform_env, running_platform
 
@@ -103,6 +105,8 @@ async def test_a_device_cannot_command_another_device(
 
             # The platform's own command does arrive.
             target = await platform.services.registry.get(victim.id)
-            assert await platform.services.commands.send(target, {"method": "ping"}) == ["amqp"]
-            assert [json.loads(b) for b in await _get(inbox, 3.0)] == [{"method": "ping"}]
+            request = CommandRequest("ping", oneway=True, persistent=True)
+            sent = await platform.services.commands.send(None, target, request, None)
+            arrived = [json.loads(b) for b in await _get(inbox, 5.0)]
+            assert [(c["id"], c["method"]) for c in arrived] == [(str(sent.id), "ping")]
     del attacker

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 
-from iiot.adapters.amqp import COMMAND_EXCHANGE, AmqpAdapter
+from iiot.adapters.amqp import AmqpAdapter
 from iiot.app import Platform
 from tests.amqp_support import (
     EXCHANGE,
@@ -164,29 +164,6 @@ async def test_a_known_devices_bad_message_is_refused_once_and_its_good_ones_sto
     assert await count_points(pg_url) == 2
     ready, _ = await queue_state(clean_broker)
     assert ready == 0
-
-
-async def test_commands_are_published_to_the_device_routing_key(
-    tmp_path: Path, pg_url: str, clean_broker: str
-) -> None:
-    (device,) = await make_devices(pg_url, 1)
-    connection = await aio_pika.connect(clean_broker, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            COMMAND_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        inbox = await channel.declare_queue(exclusive=True)
-        await inbox.bind(exchange, f"commands.{device.id}")
-        async with running_platform(_env(tmp_path, pg_url, clean_broker)) as platform:
-            services = platform.services
-            target = await services.registry.get(device.id)
-            delivered = await services.commands.send(target, {"method": "setStatus", "params": 1})
-            assert delivered == ["amqp"]
-            message = await asyncio.wait_for(_get_one(inbox), 10)
-    assert json.loads(message.body) == {"method": "setStatus", "params": 1}
-    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert message.content_type == "application/json"
 
 
 async def _get_one(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Coroutine
@@ -41,7 +40,7 @@ from aiormq.abc import DeliveredMessage
 
 from iiot.errors import AuthenticationError, IIoTError, StorageUnavailable
 from iiot.ingest import refusal_reason
-from iiot.model import Device, DevicePoints
+from iiot.model import DevicePoints
 from iiot.services import Services
 from iiot.supervisor import Backoff, cancel_and_wait, supervise
 
@@ -262,14 +261,12 @@ class AmqpAdapter:
             supervise(f"AMQP {_safe_url(self._url)}", self._serve, log, self._set_state),
             name="amqp-supervisor",
         )
-        self._services.commands.register(self)
         # A broker that is down must not stop the platform: wait briefly, then go on
         # (readiness says "down" and the supervisor keeps trying).
         await self.wait_connected(5.0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._services.commands.unregister(self)
         session = self._session
         if session is not None and session.consumer_tag is not None:
             # Stop new deliveries first; what was prefetched but not started is requeued
@@ -577,27 +574,3 @@ class AmqpAdapter:
             log.warning("could not move a refused message to %s: %r", REJECTED_QUEUE, publish_error)
             return False
         return True
-
-    # --- commands ----------------------------------------------------------------------
-    async def send_command(self, device: Device, command: dict[str, Any]) -> None:
-        """Publish a persistent JSON command to `commands.{device_id}` on `iiot.commands`."""
-        session = self._session
-        if session is None:
-            raise BrokerUnavailable(f"RabbitMQ at {_safe_url(self._url)} is not connected")
-        message = aio_pika.Message(
-            json.dumps(command, separators=(",", ":")).encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={"device_id": str(device.id)},
-        )
-        try:
-            # Not mandatory: a device that has no queue bound yet simply misses it, as
-            # with any fire-and-forget AMQP publish.
-            await session.exchange.publish(
-                message,
-                routing_key=f"{COMMAND_PREFIX}{device.id}",
-                mandatory=False,
-                timeout=_BROKER_TIMEOUT_S,
-            )
-        except _AMQP_ERRORS as exc:
-            raise BrokerUnavailable(f"command to device {device.id} not published: {exc}") from exc

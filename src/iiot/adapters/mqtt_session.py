@@ -256,7 +256,9 @@ class MqttSession(asyncio.Protocol):
         return reply
 
     async def _wait(self, reply: asyncio.Future[Any], what: str) -> Any:
-        done, _ = await asyncio.wait({reply, self.closed}, timeout=_ACK_TIMEOUT_S)
+        done, _ = await asyncio.wait(
+            {reply, self.closed}, timeout=_ACK_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
         if reply in done:
             return reply.result()
         if self.closed.done():

@@ -20,12 +20,14 @@ from asyncua import ua as _ua
 from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import CURRENT_USER, NodeOwners, TenantInternalServer
 from iiot.adapters.opcua_auth import PlatformUserManager
+from iiot.adapters.opcua_commands import CommandNodes
 from iiot.adapters.opcua_history import StoreHistory
 from iiot.adapters.opcua_live import PUBLISH_INTERVAL_S
 from iiot.adapters.opcua_pki import APPLICATION_URI, Pki
 from iiot.adapters.opcua_space import AddressSpaceSync, MethodCallback
 from iiot.adapters.opcua_transport import PlatformServer
 from iiot.bus import LiveEvent
+from iiot.control.rules import CommandRequest
 from iiot.errors import ConfigError, NotFound, StorageUnavailable
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait
@@ -60,6 +62,7 @@ class OpcUaServer:
         self._task: asyncio.Task[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
         self._ns = -1
+        self._control: CommandNodes | None = None  # SendCommand and attribute nodes
 
     @property
     def endpoint(self) -> str:
@@ -123,6 +126,8 @@ class OpcUaServer:
             server, self._ns, services.store, owners, self._set_status_for
         )
         await self._sync.build()
+        self._control = CommandNodes(server, self._ns, services)
+        await self._control.build()
         try:
             await server.start()
         except OSError as exc:
@@ -154,6 +159,8 @@ class OpcUaServer:
             event = await queue.get()
             try:
                 await sync.apply(event)
+                if self._control is not None:
+                    await self._control.apply(event)
             except StorageUnavailable:
                 log.warning("OPC UA: database unavailable while applying a live event; skipped")
             except Exception:  # one bad event must not stop live values for every client
@@ -199,8 +206,12 @@ class OpcUaServer:
             return ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown)
         except StorageUnavailable:
             return ua.StatusCode(ua.StatusCodes.BadResourceUnavailable)
+        # The device hears of it as a persistent one-way command (delivered when it listens).
         await self._services.commands.send(
-            device, {"method": "SetStatus", "params": {"status": status}}
+            None,
+            device,
+            CommandRequest("SetStatus", {"status": status}, oneway=True, persistent=True),
+            None,
         )
         log.info("OPC UA: %s set status of device %s to %r", user.name, device_id, status)
         return []

@@ -18,7 +18,6 @@ from iiot.security import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
 __all__ = [
     "CertificateIn",
     "CertificateOut",
-    "CommandResult",
     "DeviceCreate",
     "DeviceOut",
     "DevicePage",
@@ -285,12 +284,6 @@ class DevicePage(BaseModel):
 
     items: list[DeviceOut]
     total: int
-
-
-class CommandResult(BaseModel):
-    """The transports that accepted the command for delivery."""
-
-    delivered: list[str]
 
 
 # --- telemetry ----------------------------------------------------------------------------

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, Self, TypeVar
 from uuid import UUID
 
 from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
+
+if TYPE_CHECKING:
+    from iiot.storage.control import ControlStore
 
 __all__ = ["DeviceFilter", "Page", "Scope", "Store", "TelemetryQuery"]
 
@@ -60,6 +63,11 @@ class DeviceFilter:
 
 class Store(Protocol):
     """Persistent storage of tenants, users, devices and telemetry."""
+
+    @property
+    def control(self) -> ControlStore:
+        """Commands and attributes (`storage/control.py`)."""
+        ...
 
     async def __aenter__(self) -> Self:
         """Connect and apply schema migrations."""

@@ -23,6 +23,7 @@ from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common, pg_latest
 from iiot.storage.base import DeviceFilter, Page, Scope
+from iiot.storage.control_pg import PgControlStore
 from iiot.storage.device_filters import device_where
 from iiot.storage.postgres_devices import DEVICE_COLS, PostgresDevices, device_from_row
 from iiot.storage.postgres_pool import (
@@ -106,6 +107,7 @@ class PostgresStore(PostgresTelemetry, PostgresDevices):
         self._read_url = read_url or url
         self._query_timeout_s = query_timeout_s
         self._read_pool: Any = None
+        self.control = PgControlStore(self._run)  # commands and attributes
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:

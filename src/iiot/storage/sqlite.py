@@ -24,6 +24,7 @@ from iiot.filemodes import secure_file
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common
 from iiot.storage.base import DeviceFilter, Page, Scope
+from iiot.storage.control_sqlite import SqliteControlStore
 from iiot.storage.device_filters import device_where
 from iiot.storage.sqlite_devices import DEVICE_COLS, SqliteDevices, device_from_row
 from iiot.storage.sqlite_purge import queue_purges
@@ -111,6 +112,7 @@ class SqliteStore(SqliteTelemetry, SqliteDevices):
         self._conn: sqlite3.Connection | None = None
         self._reader: SqliteReader | None = None  # queries' own connection (sqlite_reads)
         self._background: list[asyncio.Task[None]] = []
+        self.control = SqliteControlStore(self._call, lambda: self._db)  # commands, attributes
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:

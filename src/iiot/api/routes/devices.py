@@ -1,4 +1,4 @@
-"""Devices: create (token shown once), list, change, delete, rotate the token, send commands.
+"""Devices: create (token shown once), list, change, delete, rotate the token.
 
 Every change goes through `services.registry`, so token caches and live views (the OPC UA
 address space) hear of it at once.
@@ -7,34 +7,28 @@ address space) hear of it at once.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Query, Response
 
 from iiot.api.deps import Auth, Svc
 from iiot.api.schemas import (
     MANAGEMENT_ERRORS,
     CertificateIn,
     CertificateOut,
-    CommandResult,
     DeviceCreate,
     DeviceOut,
     DevicePage,
     DevicePatch,
     DeviceWithToken,
 )
-from iiot.errors import StorageUnavailable
 from iiot.storage.base import DeviceFilter
 
 router = APIRouter(prefix="/api/devices", tags=["devices"], responses=MANAGEMENT_ERRORS)
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
 Offset = Annotated[int, Query(ge=0, le=1_000_000_000, description="items to skip")]
-
-
-class NoCommandTransport(StorageUnavailable):
-    """No enabled transport could take a command now (answered `503`, retry later)."""
 
 
 @router.get("", response_model=DevicePage, summary="List devices")
@@ -139,32 +133,3 @@ async def rotate_token(device_id: UUID, principal: Auth, services: Svc) -> Devic
     """Give the device a new token (shown only in this answer); the old one stops working."""
     device, token = await services.registry.rotate_token(principal.scope, device_id)
     return DeviceWithToken.with_token(device, token, services.settings.inactivity_timeout_s)
-
-
-@router.post(
-    "/{device_id}/commands",
-    response_model=CommandResult,
-    status_code=202,
-    summary="Send a command to a device",
-)
-async def send_command(
-    device_id: UUID,
-    command: Annotated[
-        dict[str, Any],
-        Body(
-            description='any JSON object, e.g. {"method": "setValve", "params": {}}',
-            examples=[{"method": "setValve", "params": {"open": True}}],
-        ),
-    ],
-    principal: Auth,
-    services: Svc,
-) -> CommandResult:
-    """Hand a command to every enabled transport (AMQP: exchange `iiot`, `commands.{id}`)."""
-    device = await services.store.get_device(principal.scope, device_id)
-    delivered = await services.commands.send(device, command)
-    if not delivered:
-        raise NoCommandTransport(
-            "no command transport took the command: none is enabled (set IIOT_AMQP_URL) "
-            "or the enabled ones failed; retry later"
-        )
-    return CommandResult(delivered=delivered)
