@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from iiot.bus import CommandRouter, LiveBus
 from iiot.config import Settings
@@ -13,6 +13,9 @@ from iiot.metrics import Metrics
 from iiot.pipeline import Pipeline
 from iiot.registry import DeviceRegistry
 from iiot.storage.base import Store
+
+if TYPE_CHECKING:
+    from iiot.alarms.service import AlarmService
 
 __all__ = ["Health", "HealthBoard", "Services"]
 
@@ -54,3 +57,5 @@ class Services:
     # The way back to devices: adapters attach links; services push and receive through them.
     links: DeviceLinks = field(default_factory=DeviceLinks)
     inbox: DeviceInbox = field(default_factory=UnsupportedInbox)
+    # Alarms and rules (set by the composition root; None only in bare test setups).
+    alarms: AlarmService | None = None
