@@ -7,11 +7,21 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import pytest
+
 from tests.e2e.api_helpers import Api
 
-__all__ = ["now_ms", "rule_body", "send", "wait_for"]
+__all__ = ["db_env", "now_ms", "rule_body", "send", "wait_for"]
 
 T = TypeVar("T")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The platform's database: SQLite in the data dir, or a throwaway PostgreSQL one."""
+    if request.param == "sqlite":
+        return {}
+    return {"IIOT_DATABASE_URL": str(request.getfixturevalue("pg_url"))}
 
 
 def now_ms() -> int:

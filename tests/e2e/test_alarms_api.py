@@ -6,18 +6,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.e2e.alarm_helpers import now_ms, rule_body, send, wait_for
+from tests.e2e.alarm_helpers import db_env, now_ms, rule_body, send, wait_for
 from tests.e2e.api_helpers import Api, api_platform
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_env(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The platform's database: SQLite in the data dir, or a throwaway PostgreSQL one."""
-    if request.param == "sqlite":
-        return {}
-    return {"IIOT_DATABASE_URL": str(request.getfixturevalue("pg_url"))}
+__all__ = ["db_env"]  # the fixture
 
 
 async def tenant_setup(api: Api, name: str = "acme") -> dict[str, Any]:

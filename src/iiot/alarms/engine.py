@@ -34,6 +34,9 @@ StateKey = tuple[UUID, UUID]  # (rule, device)
 # An open alarm's end_ts is written at most this often per (rule, device).
 _UPDATE_EVERY_MS = 1000
 _DEVICE_PAGE = 1000
+# Rule changes arrive on the live bus; processes without a bridge between them (several
+# `--role all` on one database) still see them within this time.
+_RELOAD_S = 5.0
 
 
 def _now_ms() -> int:
@@ -57,6 +60,7 @@ class AlarmEngine:
         self._by_type: dict[tuple[UUID, str], list[Rule]] = {}
         self._states: dict[StateKey, RuleState] = {}
         self._updated: dict[StateKey, int] = {}  # last end_ts written per open alarm
+        self._deferred: dict[StateKey, tuple[Rule, Device, Action]] = {}
         self._started_ms = 0
         self._queue: asyncio.Queue[LiveEvent] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -103,6 +107,8 @@ class AlarmEngine:
             if new is None or old is None or old.updated_at != new.updated_at:
                 self._states.pop(key, None)  # deleted or replaced: it starts over
         self._rules = rules
+        for key in [k for k in self._deferred if k[0] not in rules]:
+            del self._deferred[key]
         self._by_device = {}
         self._by_type = {}
         for rule in rules.values():
@@ -120,6 +126,7 @@ class AlarmEngine:
     async def _run(self) -> None:
         assert self._queue is not None
         next_tick = time.monotonic()
+        next_reload = next_tick + _RELOAD_S
         while True:
             timeout = max(0.0, next_tick - time.monotonic())
             event: LiveEvent | None = None
@@ -128,8 +135,9 @@ class AlarmEngine:
             try:
                 if event is not None:
                     await self._handle(event)
-                if self._reload:
+                if self._reload or time.monotonic() >= next_reload:
                     self._reload = False
+                    next_reload = time.monotonic() + _RELOAD_S
                     await self._load_rules()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self._tick_s
@@ -195,6 +203,8 @@ class AlarmEngine:
             last = self._updated.get(key, 0)
             if pending_update.ts - last >= _UPDATE_EVERY_MS:
                 await self._act(rule, device, key, pending_update)
+            else:  # written by the next tick: end_ts is exact, with few writes
+                self._deferred[key] = (rule, device, pending_update)
         self._states[key] = new
         if old.transitioned(new):
             await self._alarms.store.save_rule_state(rule.id, device.id, new.to_json())
@@ -202,6 +212,7 @@ class AlarmEngine:
     async def _act(self, rule: Rule, device: Device, key: StateKey, action: Action) -> None:
         spec = rule.spec
         alarm_type = str(spec["alarm_type"])
+        self._deferred.pop(key, None)
         if action.kind == "clear":
             self._updated.pop(key, None)
             await self._alarms.clear_open(device.id, alarm_type, action.ts)
@@ -230,6 +241,8 @@ class AlarmEngine:
 
     # --- timers ------------------------------------------------------------------------
     async def _tick(self, now: int) -> None:
+        for key, (rule, device, action) in list(self._deferred.items()):
+            await self._act(rule, device, key, action)
         for key, state in list(self._states.items()):
             rule = self._rules.get(key[0])
             if rule is None or rule.spec["kind"] != "threshold":
