@@ -241,8 +241,8 @@ class AlarmEngine:
 
     # --- timers ------------------------------------------------------------------------
     async def _tick(self, now: int) -> None:
-        for key, (rule, device, action) in list(self._deferred.items()):
-            await self._act(rule, device, key, action)
+        for key, deferred in list(self._deferred.items()):
+            await self._act(deferred[0], deferred[1], key, deferred[2])
         for key, state in list(self._states.items()):
             rule = self._rules.get(key[0])
             if rule is None or rule.spec["kind"] != "threshold":
