@@ -12,7 +12,7 @@ import asyncio
 import logging
 import unicodedata
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
 
 from asyncua import ua as _ua
@@ -28,6 +28,9 @@ from iiot.bus import LiveEvent
 from iiot.errors import ConfigError, NotFound, StorageUnavailable
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait
+
+if TYPE_CHECKING:
+    from iiot.adapters.opcua_alarms import OpcUaAlarms
 
 __all__ = ["NAMESPACE_URI", "OpcUaServer"]
 
@@ -58,6 +61,7 @@ class OpcUaServer:
         self._queue: asyncio.Queue[LiveEvent] | None = None
         self._task: asyncio.Task[None] | None = None
         self._ns = -1
+        self._alarms: OpcUaAlarms | None = None
 
     @property
     def endpoint(self) -> str:
@@ -121,6 +125,11 @@ class OpcUaServer:
             server, self._ns, services.store, owners, self._set_status_for
         )
         await self._sync.build()
+        if services.alarms is not None:
+            from iiot.adapters.opcua_alarms import OpcUaAlarms
+
+            self._alarms = OpcUaAlarms(server, self._ns, services)
+            await self._alarms.start()
         try:
             await server.start()
         except OSError as exc:
@@ -133,6 +142,9 @@ class OpcUaServer:
         services.metrics.component_up.labels(self.name).set(1)
 
     async def _stop(self) -> None:
+        if self._alarms is not None:
+            await self._alarms.stop()
+            self._alarms = None
         await cancel_and_wait(self._task)
         self._task = None
         if self._queue is not None:
