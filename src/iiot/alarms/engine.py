@@ -31,6 +31,8 @@ __all__ = ["AlarmEngine"]
 log = logging.getLogger(__name__)
 
 StateKey = tuple[UUID, UUID]  # (rule, device)
+# A rule's evaluation that needs I/O: (rule, device, key, old state, new state, actions).
+_Work = tuple[Rule, Device, StateKey, RuleState, RuleState, list[Action | None]]
 # An open alarm's end_ts is written at most this often per (rule, device).
 _UPDATE_EVERY_MS = 1000
 _DEVICE_PAGE = 1000
@@ -95,6 +97,10 @@ class AlarmEngine:
             self._services.bus.unsubscribe(self._queue)
             self._queue = None
 
+    def backlog(self) -> int:
+        """Live events received but not evaluated yet."""
+        return 0 if self._queue is None else self._queue.qsize()
+
     def describe(self) -> str:
         """One line for the start-up log."""
         return f"alarm engine ({len(self._rules)} rules)"
@@ -116,11 +122,6 @@ class AlarmEngine:
                 self._by_device.setdefault(rule.device_id, []).append(rule)
             elif rule.device_type is not None:
                 self._by_type.setdefault((rule.tenant_id, rule.device_type), []).append(rule)
-
-    def _rules_of(self, device: Device) -> list[Rule]:
-        return self._by_device.get(device.id, []) + self._by_type.get(
-            (device.tenant_id, device.type), []
-        )
 
     # --- the loop ----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -153,32 +154,52 @@ class AlarmEngine:
         if isinstance(event, TelemetryEvent):
             if self._rules:
                 for item in event.batch:
-                    await self._points(item)
+                    for work in self._evaluate(item):
+                        await self._apply(*work)
         elif isinstance(event, RecordEvent) and event.topic == "rule":
             self._reload = True
         elif isinstance(event, DeviceEvent) and event.kind == "deleted":
             for key in [k for k in self._states if k[1] == event.device.id]:
                 self._states.pop(key, None)
 
-    async def _points(self, item: DevicePoints) -> None:
-        rules = self._rules_of(item.device)
+    def _evaluate(self, item: DevicePoints) -> list[_Work]:
+        """Step every rule of the device (synchronously: the hot path); what needs I/O."""
+        device = item.device
+        rules = self._by_device.get(device.id)
+        if self._by_type:
+            typed = self._by_type.get((device.tenant_id, device.type))
+            if typed:
+                rules = typed if rules is None else rules + typed
         if not rules:
-            return
-        now = _now_ms()
+            return []
+        work: list[_Work] = []
         for rule in rules:
-            key = (rule.id, item.device.id)
-            state = self._states.get(key, RuleState())
+            key = (rule.id, device.id)
+            state = self._states.get(key) or RuleState()
             if rule.spec["kind"] == "inactivity":
-                new, action = touch_inactivity(state, now)
-                await self._apply(rule, item.device, key, state, new, [action])
+                new, action = touch_inactivity(state, _now_ms())
+                if action is not None:
+                    work.append((rule, device, key, state, new, [action]))
+                else:
+                    self._states[key] = new
                 continue
             name = rule.spec["key"]
+            points = [p for p in item.points if p.key == name]
+            if not points:
+                continue
+            if len(points) > 1:
+                points.sort(key=lambda p: p.ts)
             actions: list[Action | None] = []
             new = state
-            for point in sorted((p for p in item.points if p.key == name), key=lambda p: p.ts):
+            for point in points:
                 new, action = step(rule.spec, new, point.ts, point.value)
-                actions.append(action)
-            await self._apply(rule, item.device, key, state, new, actions)
+                if action is not None:
+                    actions.append(action)
+            if actions or state.transitioned(new):
+                work.append((rule, device, key, state, new, actions))
+            else:
+                self._states[key] = new  # nothing to do or persist: the usual case
+        return work
 
     async def _apply(
         self,

@@ -166,7 +166,7 @@ def matches(condition: dict[str, Any], value: Any) -> bool | None:
     return equal if op == "eq" else not equal
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every point, and frozen init is slower
 class RuleState:
     """Where a rule stands for one device; persisted at each transition."""
 
@@ -199,7 +199,11 @@ class RuleState:
 
     def transitioned(self, other: RuleState) -> bool:
         """Whether anything but the newest timestamp differs (worth persisting)."""
-        return replace(self, last_ts=None) != replace(other, last_ts=None)
+        return (
+            self.active != other.active
+            or self.pending_since != other.pending_since
+            or self.clear_since != other.clear_since
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,10 +235,10 @@ def step(
     created = matches(spec["create"], value)
     if created is None:
         return state, None  # a value of another kind (text for a numeric rule)
+    if not state.active and not created:
+        return RuleState(False, None, None, None, ts), None  # the common case, kept cheap
     state = replace(state, last_ts=ts)
     if not state.active:
-        if not created:
-            return replace(state, pending_since=None, pending_value=None), None
         if state.pending_since is None:
             state = replace(state, pending_since=ts, pending_value=value)
         return _raise_if_due(spec, state, ts, value)
