@@ -269,3 +269,19 @@ def test_defaults() -> None:
     spec = rule({"op": "gt", "value": 1})
     assert spec["alarm_type"] == "r" and spec["enabled"] is True and spec["clear"] is None
     assert spec["create"]["for_s"] == 0
+
+
+@pytest.mark.parametrize("huge", [10**400, -(10**30)])
+def test_numbers_beyond_a_double_are_refused(huge: int) -> None:
+    body = {
+        "name": "x",
+        "severity": "MAJOR",
+        "target": {"device_type": "a"},
+        "key": "t",
+        "create": {"op": "gt", "value": huge},
+    }
+    with pytest.raises(InvalidRequest, match=r"create\.value must be a number within"):
+        parse_rule(body)
+    body["create"] = {"op": "gt", "value": 1, "for_s": huge}
+    with pytest.raises(InvalidRequest, match="for_s must be a number of seconds"):
+        parse_rule(body)

@@ -52,12 +52,22 @@ def _text(body: dict[str, Any], name: str, where: str = "") -> str:
     return value
 
 
+def _finite(value: Any) -> bool:
+    """A JSON number that fits a double (JSON integers may be far larger)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 2**63
+    return math.isfinite(value)
+
+
 def _seconds(value: Any, name: str, minimum: float) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(f"{name} must be a number of seconds (got {value!r})")
+    if not _finite(value):
+        raise InvalidRequest(f"{name} must be a number of seconds (got {value!r:.40})")
     if not minimum <= value <= MAX_FOR_S:
         raise InvalidRequest(f"{name} must be between {minimum} and {MAX_FOR_S} (got {value})")
-    return value
+    number: float | int = value
+    return number
 
 
 def _condition(raw: Any, where: str) -> dict[str, Any]:
@@ -73,8 +83,8 @@ def _condition(raw: Any, where: str) -> dict[str, Any]:
         raise InvalidRequest(f"{where}.value is required")
     value = raw["value"]
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    if numeric and not math.isfinite(value):
-        raise InvalidRequest(f"{where}.value must be a finite number")
+    if numeric and not _finite(value):
+        raise InvalidRequest(f"{where}.value must be a number within ±2^63")
     if op in _ORDERING and not numeric:
         raise InvalidRequest(f"{where}.value must be a number for op {op} (got {value!r})")
     if not numeric and not isinstance(value, bool | str):

@@ -173,7 +173,7 @@ class WebhookSender:
             status = answer.status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # any failure (network, a URL httpx refuses) is retried
             error = f"{type(exc).__name__}: {exc}"[:500]
         now = _now_ms()
         duration = int((time.monotonic() - started) * 1000)
