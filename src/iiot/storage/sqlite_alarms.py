@@ -453,6 +453,14 @@ class SqliteAlarmStore:
         """Due outbox items, hidden from other senders for `lease_ms`."""
 
         def run() -> list[OutboxItem]:
+            # Looked at first without the write lock: most polls find nothing due.
+            due = self._db.execute(
+                "SELECT 1 FROM webhook_outbox WHERE done_at IS NULL AND next_attempt_at <= ?"
+                " LIMIT 1",
+                (now,),
+            ).fetchone()
+            if due is None:
+                return []
             with _transaction(self._db):
                 rows = self._db.execute(
                     "SELECT o.id, o.webhook_id, w.url, w.secret, o.event, o.event_id, o.body,"
