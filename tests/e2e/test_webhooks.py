@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import uuid
 from pathlib import Path
 
 import httpx
 
+from iiot.bus import RecordEvent
 from tests.e2e.alarm_helpers import db_env, now_ms, rule_body, send, wait_for
 from tests.e2e.api_helpers import Api, api_platform, bearer
 from tests.e2e.webhook_receiver import receiver
@@ -129,4 +131,32 @@ async def test_sigkill_between_raising_and_delivery_still_delivers(
             await asyncio.sleep(1.5)
     [body] = got.accepted
     assert body["event"] == "alarm.raised" and body["data"]["value"] == 99
+    assert got.bad_signatures == 0
+
+
+async def test_completed_commands_are_sent_once(tmp_path: Path) -> None:
+    """`command.completed` for a command that reached a final state, once per command."""
+    hook_port = free_port()
+    async with receiver(hook_port, SECRET) as got, api_platform(tmp_path) as api:
+        tenant = await api.tenant("acme")
+        _, admin = await api.user("acme-admin", "tenant_admin", tenant["id"])
+        device = await api.device(admin, "valve")
+        body = {
+            "url": f"http://127.0.0.1:{hook_port}/x",
+            "secret": SECRET,
+            "events": ["command.completed"],
+        }
+        await api.ok("POST", "/api/webhooks", 201, json=body, headers=admin)
+        bus = api.platform.services.bus
+        tenant_id, device_id = uuid.UUID(tenant["id"]), uuid.UUID(device["id"])
+        sent = {"id": "c1", "status": "SENT"}
+        done = {"id": "c1", "status": "SUCCESSFUL", "response": {"open": True}}
+        bus.publish(RecordEvent("command", "SENT", tenant_id, device_id, sent))
+        # Seen twice, as when another process forwards its own record of it.
+        bus.publish(RecordEvent("command", "SUCCESSFUL", tenant_id, device_id, done))
+        bus.publish(RecordEvent("command", "SUCCESSFUL", tenant_id, device_id, done))
+        await wait_for(lambda: asyncio.sleep(0, got.accepted), lambda a: len(a) == 1)
+        await asyncio.sleep(1.5)
+    [received] = got.accepted
+    assert received["event"] == "command.completed" and received["data"] == done
     assert got.bad_signatures == 0

@@ -40,6 +40,7 @@ class AlarmAmqpPublisher:
         self._url = services.settings.amqp_url
         self._queue: asyncio.Queue[RecordEvent] = asyncio.Queue(_QUEUE_MAX)
         self._task: asyncio.Task[None] | None = None
+        self._retry: RecordEvent | None = None
 
     async def __aenter__(self) -> Self:
         """Start following alarm changes (connecting in the background)."""
@@ -75,8 +76,11 @@ class AlarmAmqpPublisher:
                         EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
                     )
                     while True:
-                        event = await self._queue.get()
-                        await self._publish(exchange, event)
+                        # An event whose publish failed goes first after reconnecting.
+                        if self._retry is None:
+                            self._retry = await self._queue.get()
+                        await self._publish(exchange, self._retry)
+                        self._retry = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

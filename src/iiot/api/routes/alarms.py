@@ -49,11 +49,12 @@ async def operator(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """Any authenticated user of the tenant, `tenant_user` included, even for a POST."""
+    method = request.scope["method"]
     request.scope["method"] = "GET"  # authorize() lets a tenant_user through for reads only
     try:
         return await authorize(request, credentials)
     finally:
-        request.scope["method"] = "POST"
+        request.scope["method"] = method
 
 
 Operator = Annotated[Principal, Depends(operator)]
