@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from typing import Literal, Self
 
 from iiot.adapters.base import Component
+from iiot.alarms.service import AlarmService
 from iiot.bus import LiveBus
 from iiot.codec import Limits
 from iiot.config import Settings
@@ -36,6 +37,7 @@ from iiot.registry import DeviceRegistry
 from iiot.security import hash_password
 from iiot.services import HealthBoard, Services
 from iiot.storage import open_store
+from iiot.storage.alarm_base import alarm_store_for
 from iiot.storage.base import Store
 
 __all__ = ["Platform", "RunRole", "build_components", "run_platform"]
@@ -90,6 +92,14 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
         else:
             health.set("amqp", "off", "IIOT_AMQP_URL unset")
             log.info("AMQP ingestion off (IIOT_AMQP_URL unset)")
+    if role in ("all", "ingest") and services.alarms is not None:
+        from iiot.alarms.components import alarm_components
+
+        components += alarm_components(services)
+    if services.alarms is not None:
+        from iiot.alarms.webhooks import WebhookSender
+
+        components.append(WebhookSender(services))
     if role in ("all", "ingest"):
         from iiot.retention import RetentionJob
 
@@ -187,6 +197,7 @@ class Platform:
                 links=links,
                 inbox=ControlInbox(commands, attributes),
             )
+            self._services.alarms = AlarmService(alarm_store_for(store), bus)
             for component in build_components(self._services, self.role):
                 await self._stack.enter_async_context(component)
                 self.components.append(component)

@@ -568,7 +568,10 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
                 _refuse_non_empty(counts, where)
             else:
                 await lock_out_writers(conn)  # a running platform must recheck its devices
-                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)}")
+                # CASCADE: tables outside the backup that refer to these (alarms, rules,
+                # webhooks, commands) are emptied with them, as a restore into a new
+                # database would be.
+                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)} CASCADE")
                 await conn.execute("TRUNCATE telemetry_purges")  # nothing left to purge
             for name, _ in _TABLES:
                 entry = manifest.tables.get(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from iiot.bus import LiveBus
 from iiot.config import Settings
@@ -17,6 +17,9 @@ from iiot.pipeline import Pipeline
 from iiot.presence import Presence
 from iiot.registry import DeviceRegistry
 from iiot.storage.base import Store
+
+if TYPE_CHECKING:
+    from iiot.alarms.service import AlarmService
 
 __all__ = ["Health", "HealthBoard", "Services"]
 
@@ -63,3 +66,5 @@ class Services:
     inbox: DeviceInbox = field(default_factory=UnsupportedInbox)
     # Messages seen per device, written in batches by the presence tracker.
     presence: Presence = field(default_factory=Presence)
+    # Alarms and rules (set by the composition root; None only in bare test setups).
+    alarms: AlarmService | None = None

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import unicodedata
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
 
 from asyncua import ua as _ua
@@ -31,6 +31,9 @@ from iiot.control.rules import CommandRequest
 from iiot.errors import ConfigError, NotFound, StorageUnavailable
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait
+
+if TYPE_CHECKING:
+    from iiot.adapters.opcua_alarms import OpcUaAlarms
 
 __all__ = ["NAMESPACE_URI", "OpcUaServer"]
 
@@ -63,6 +66,7 @@ class OpcUaServer:
         self._publisher: asyncio.Task[None] | None = None
         self._ns = -1
         self._control: CommandNodes | None = None  # SendCommand and attribute nodes
+        self._alarms: OpcUaAlarms | None = None
 
     @property
     def endpoint(self) -> str:
@@ -128,6 +132,11 @@ class OpcUaServer:
         await self._sync.build()
         self._control = CommandNodes(server, self._ns, services)
         await self._control.build()
+        if services.alarms is not None:
+            from iiot.adapters.opcua_alarms import OpcUaAlarms
+
+            self._alarms = OpcUaAlarms(server, self._ns, services)
+            await self._alarms.start()
         try:
             await server.start()
         except OSError as exc:
@@ -143,6 +152,9 @@ class OpcUaServer:
     async def _stop(self) -> None:
         await cancel_and_wait(self._publisher)
         self._publisher = None
+        if self._alarms is not None:
+            await self._alarms.stop()
+            self._alarms = None
         await cancel_and_wait(self._task)
         self._task = None
         if self._queue is not None:

@@ -11,6 +11,7 @@ from iiot import __version__
 from iiot.api.deps import ApiState
 from iiot.api.errors import install_error_handlers
 from iiot.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from iiot.api.routes import alarms as alarm_routes
 from iiot.api.routes import (
     attributes,
     auth,
@@ -23,6 +24,8 @@ from iiot.api.routes import (
     tenants,
     users,
 )
+from iiot.api.routes import rules as rule_routes
+from iiot.api.routes import webhooks as webhook_routes
 from iiot.security import LoginThrottle, TokenSigner, load_jwt_secret
 from iiot.services import Services
 
@@ -55,7 +58,14 @@ def create_api(services: Services) -> FastAPI:
     install_error_handlers(api)
     for module in (auth, tenants, users, devices, telemetry, device_http, health):
         api.include_router(module.router)
-    for module in (commands, attributes, device_control):  # device control (RPC, attributes)
+    for module in (
+        commands,  # device control (RPC, attributes)
+        attributes,
+        device_control,
+        alarm_routes,
+        rule_routes,
+        webhook_routes,
+    ):
         api.include_router(module.router)
     api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_MANAGEMENT_BODY_BYTES)
     # Added last, so it is outermost: it also times the requests the body limit refuses.
