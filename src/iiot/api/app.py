@@ -8,10 +8,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from iiot import __version__
+from iiot.api.console import install_console
 from iiot.api.deps import ApiState
 from iiot.api.errors import install_error_handlers
 from iiot.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from iiot.api.routes import auth, device_http, devices, health, telemetry, tenants, users
+from iiot.api.routes import auth, device_http, devices, health, live, telemetry, tenants, users
 from iiot.security import LoginThrottle, TokenSigner, load_jwt_secret
 from iiot.services import Services
 
@@ -35,6 +36,9 @@ def create_api(services: Services) -> FastAPI:
         title="IIoT platform",
         version=__version__,
         description=_DESCRIPTION,
+        # Served by iiot.api.console from local files (no CDN): `/docs` works offline.
+        docs_url=None,
+        redoc_url=None,
     )
     api.state.services = services
     api.state.security = ApiState(
@@ -44,6 +48,8 @@ def create_api(services: Services) -> FastAPI:
     install_error_handlers(api)
     for module in (auth, tenants, users, devices, telemetry, device_http, health):
         api.include_router(module.router)
+    api.include_router(live.router)
+    install_console(api)
     api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_MANAGEMENT_BODY_BYTES)
     # Added last, so it is outermost: it also times the requests the body limit refuses.
     api.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)
