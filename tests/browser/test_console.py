@@ -110,7 +110,7 @@ async def test_values_over_http_and_mqtt_appear_live_on_the_device_page(console:
     await console.login()
     await page.goto(f"{console.base}/#/devices/{device['id']}")
     await expect(page.locator("#latest tr[data-key=temperature]")).to_be_visible()
-    await page.wait_for_function("window.document.querySelector('#chart canvas') !== null")
+    await page.wait_for_function("() => document.querySelector('#chart canvas') !== null")
 
     await console.api("POST", f"/api/v1/{device['token']}/telemetry", json={"http_value": 42.5})
     await expect(page.locator("#latest tr[data-key=http_value]")).to_contain_text("42.5")

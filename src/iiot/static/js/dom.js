@@ -27,8 +27,10 @@ export function clear(el, ...children) {
   return append(el, children);
 }
 
-export function errorBox(error) {
-  return h("div", { class: "error", role: "alert" }, error && error.message ? error.message : String(error));
+// An error as the API said it, after what was being done when a context is given.
+export function errorBox(error, context) {
+  const text = error && error.message ? error.message : String(error);
+  return h("div", { class: "error", role: "alert" }, context ? `${context}: ${text}` : text);
 }
 
 export function toast(text) {

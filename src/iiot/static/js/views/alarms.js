@@ -54,7 +54,7 @@ export async function render(main) {
       const page = await api("GET", `/api/alarms?${q}`);
       clear(list, alarmTable(page.items || [], load, true, names));
     } catch (error) {
-      clear(list, errorBox(error));
+      clear(list, errorBox(error, "Alarms"));
     }
   }
   for (const el of [status, severity]) el.addEventListener("change", load);

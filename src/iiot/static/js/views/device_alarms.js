@@ -11,7 +11,7 @@ export function alarmsSection(device, cleanups) {
       const page = await api("GET", `/api/alarms?device_id=${device.id}&limit=50`);
       clear(box, alarmTable(page.items || [], load, false));
     } catch (error) {
-      clear(box, errorBox(error));
+      clear(box, errorBox(error, "The device's alarms"));
     }
   }
   load();

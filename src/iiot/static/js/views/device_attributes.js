@@ -19,7 +19,7 @@ export function attributesSection(device) {
     try {
       attrs = await api("GET", `/api/devices/${device.id}/attributes`);
     } catch (error) {
-      clear(box, errorBox(error));
+      clear(box, errorBox(error, "Attributes"));
       return;
     }
     clear(box, SCOPES.map(([scope, title]) => {

@@ -81,7 +81,7 @@ export function commandsSection(device, cleanups) {
   drawHistory();
   api("GET", `/api/devices/${device.id}/commands?limit=50`)
     .then((page) => { for (const c of page.items || []) put(c); })
-    .catch((error) => clear(history, errorBox(error)));
+    .catch((error) => clear(history, errorBox(error, "Command history")));
   cleanups.push(subscribe(["command"], device.id, (m) => put(m.data)));
   return section;
 }

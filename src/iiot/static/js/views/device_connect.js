@@ -25,8 +25,11 @@ export async function connectSection(device) {
       copyBlock(`mosquitto_pub -h ${mqttHost} -p ${mqttPort} -u ${device.id} -P '${token}' -t devices/${device.id}/telemetry -q 1 -m '${payload}'`, "MQTT command"));
     if (ep && ep.mqtts_port) parts.push(copyBlock(`mosquitto_pub -h ${host} -p ${ep.mqtts_port} --cafile ca.pem -u ${device.id} -P '${token}' -t devices/${device.id}/telemetry -q 1 -m '${payload}'`, "MQTTS command"));
   }
+  else parts.push(h("p", { class: "muted" }, "MQTT is off on this platform."));
   if (!ep || ep.coap_port) {
     parts.push(h("h3", {}, "CoAP"), copyBlock(`coap-client -m post -t application/json -e '${payload}' coap://${host}:${ep ? ep.coap_port : 5683}/api/v1/${token}/telemetry`, "CoAP command"));
+  } else {
+    parts.push(h("p", { class: "muted" }, "CoAP is off on this platform."));
   }
   if (ep && ep.amqp) {
     parts.push(h("h3", {}, "AMQP (RabbitMQ)"),

@@ -43,7 +43,7 @@ export async function render(main) {
         h("div", { class: "grid" }, SEVERITIES.map((s) => card(counts[s] ?? 0, s.toLowerCase(), `sev-${s}`))),
         h("a", { href: "#/alarms" }, "All alarms"));
     } catch (error) {
-      clear(alarms, h("h2", { id: "alarms-h" }, "Open alarms"), errorBox(`The alarms API answered: ${error.message}`));
+      clear(alarms, h("h2", { id: "alarms-h" }, "Open alarms"), errorBox(error, "Alarm summary"));
     }
   }
   await load();

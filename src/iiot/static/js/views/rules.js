@@ -44,7 +44,7 @@ export async function render(main) {
             } }, "Delete")))))))
         : h("p", { class: "muted" }, "No rule yet: write one below."));
     } catch (error) {
-      clear(list, errorBox(error));
+      clear(list, errorBox(error, "Rules"));
     }
   }
   form.addEventListener("submit", async (e) => {
