@@ -134,9 +134,7 @@ async def test_live_values_cross_from_the_ingest_role_to_the_api_role(
     pg_url: str, tmp_path: Path
 ) -> None:
     api_port, ingest_ops, mqtt_port = free_port(), free_port(), free_port()
-    api_env = platform_env(
-        tmp_path / "api", IIOT_DATABASE_URL=pg_url, IIOT_HTTP_PORT=str(api_port)
-    )
+    api_env = platform_env(tmp_path / "api", IIOT_DATABASE_URL=pg_url, IIOT_HTTP_PORT=str(api_port))
     ingest_env = platform_env(
         tmp_path / "ingest",
         IIOT_DATABASE_URL=pg_url,

@@ -12,7 +12,8 @@ from iiot.api.console import install_console
 from iiot.api.deps import ApiState
 from iiot.api.errors import install_error_handlers
 from iiot.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from iiot.api.routes import auth, device_http, devices, health, live, telemetry, tenants, users
+from iiot.api.routes import auth, device_http, devices, health, telemetry, tenants, users
+from iiot.api.routes.live import router as live_router
 from iiot.security import LoginThrottle, TokenSigner, load_jwt_secret
 from iiot.services import Services
 
@@ -48,7 +49,7 @@ def create_api(services: Services) -> FastAPI:
     install_error_handlers(api)
     for module in (auth, tenants, users, devices, telemetry, device_http, health):
         api.include_router(module.router)
-    api.include_router(live.router)
+    api.include_router(live_router)
     install_console(api)
     api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_MANAGEMENT_BODY_BYTES)
     # Added last, so it is outermost: it also times the requests the body limit refuses.
