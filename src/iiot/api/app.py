@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from iiot import __version__
+from iiot.api.console import install_console
 from iiot.api.deps import ApiState
 from iiot.api.errors import install_error_handlers
 from iiot.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -26,6 +27,7 @@ from iiot.api.routes import (
 )
 from iiot.api.routes import rules as rule_routes
 from iiot.api.routes import webhooks as webhook_routes
+from iiot.api.routes.live import router as live_router
 from iiot.security import LoginThrottle, TokenSigner, load_jwt_secret
 from iiot.services import Services
 
@@ -49,6 +51,9 @@ def create_api(services: Services) -> FastAPI:
         title="IIoT platform",
         version=__version__,
         description=_DESCRIPTION,
+        # Served by iiot.api.console from local files (no CDN): `/docs` works offline.
+        docs_url=None,
+        redoc_url=None,
     )
     api.state.services = services
     api.state.security = ApiState(
@@ -67,6 +72,8 @@ def create_api(services: Services) -> FastAPI:
         webhook_routes,
     ):
         api.include_router(module.router)
+    api.include_router(live_router)
+    install_console(api)
     api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_MANAGEMENT_BODY_BYTES)
     # Added last, so it is outermost: it also times the requests the body limit refuses.
     api.add_middleware(RequestMetricsMiddleware, metrics=services.metrics)

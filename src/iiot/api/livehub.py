@@ -1,0 +1,207 @@
+"""Fan-out of live bus events to browser viewers, coalescing for slow ones.
+
+One hub per API app reads the live bus (fed locally and, between split roles, by the
+live bridge) and offers every event to each connected viewer. A viewer keeps at most one
+pending message per key (a device's latest values, a record's latest state) and at most
+`MAX_PENDING` keys: a browser that reads slowly sees fewer, newer updates, and ingestion
+never waits for it (the bus drops the hub's oldest events if even the hub falls behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from iiot.bus import DeviceEvent, LiveBus, LiveEvent, RecordEvent, TelemetryEvent
+
+__all__ = ["TOPICS", "IngestRate", "LiveHub", "Viewer"]
+
+# What a viewer can subscribe to; "device" covers created/updated/deleted devices.
+TOPICS = frozenset({"telemetry", "device", "connectivity", "alarm", "command", "attributes"})
+# Keys a viewer may have waiting; past that, new keys are dropped (and counted).
+MAX_PENDING = 2000
+# The hub's own queue on the bus: drop-oldest when full, so ingestion never waits.
+_HUB_QUEUE = 5000
+# Seconds of history for the ingest rate.
+RATE_WINDOW_S = 60
+
+Message = dict[str, Any]
+DeviceJson = Callable[[Any], dict[str, Any]]
+
+
+@dataclass(eq=False)
+class Viewer:
+    """One live connection: its tenant scope, subscriptions and pending messages."""
+
+    scope: UUID | None  # None: every tenant (sysadmin)
+    subscriptions: dict[str, set[UUID | None]] = field(default_factory=dict)
+    pending: dict[tuple[str, str], Message] = field(default_factory=dict)
+    dropped: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def wants(self, topic: str, tenant_id: UUID, device_id: UUID | None) -> bool:
+        """Whether this viewer may see and asked for this event."""
+        if self.scope is not None and tenant_id != self.scope:
+            return False
+        devices = self.subscriptions.get(topic)
+        if not devices:
+            return False
+        return None in devices or device_id in devices
+
+    def put(self, key: tuple[str, str], message: Message) -> None:
+        """Queue a message; a newer one with the same key replaces it."""
+        if key not in self.pending and len(self.pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self.pending[key] = message
+        self.wake.set()
+
+    def merge_values(self, device_id: UUID, values: dict[str, dict[str, Any]]) -> None:
+        """Queue a device's latest values, merged with any still waiting (newest ts wins)."""
+        key = ("telemetry", str(device_id))
+        waiting = self.pending.get(key)
+        if waiting is None:
+            self.put(key, {"type": "telemetry", "device_id": str(device_id), "data": values})
+            return
+        data = waiting["data"]
+        for name, item in values.items():
+            old = data.get(name)
+            if old is None or item["ts"] >= old["ts"]:
+                data[name] = item
+        self.wake.set()
+
+    def take(self) -> list[Message]:
+        """Everything waiting, in arrival order, and a note of what was dropped."""
+        messages = list(self.pending.values())
+        self.pending = {}
+        if self.dropped:
+            messages.append({"type": "dropped", "count": self.dropped})
+            self.dropped = 0
+        self.wake.clear()
+        return messages
+
+
+class IngestRate:
+    """Points committed per second over the last minute, per tenant."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._seconds: deque[tuple[int, dict[UUID, int]]] = deque()
+
+    def add(self, tenant_id: UUID, points: int) -> None:
+        """Count committed points."""
+        now = int(self._clock())
+        if not self._seconds or self._seconds[-1][0] != now:
+            self._seconds.append((now, {}))
+            while self._seconds and self._seconds[0][0] <= now - RATE_WINDOW_S:
+                self._seconds.popleft()
+        bucket = self._seconds[-1][1]
+        bucket[tenant_id] = bucket.get(tenant_id, 0) + points
+
+    def per_second(self, scope: UUID | None) -> float:
+        """Average points per second within the scope over the window (or since start)."""
+        now = self._clock()
+        window = min(float(RATE_WINDOW_S), max(1.0, now - self._started))
+        total = 0
+        for second, counts in self._seconds:
+            if second > now - window - 1:
+                total += sum(counts.values()) if scope is None else counts.get(scope, 0)
+        return round(total / window, 2)
+
+
+class LiveHub:
+    """Reads the live bus once and offers each event to every viewer."""
+
+    def __init__(self, bus: LiveBus, device_json: DeviceJson) -> None:
+        self._bus = bus
+        self._device_json = device_json
+        self._viewers: set[Viewer] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.rate = IngestRate()
+
+    def ensure_started(self) -> None:
+        """Start reading the bus (lazily: the API has no start-up hook of its own)."""
+        if self._task is not None and not self._task.done():
+            return
+        queue = self._bus.subscribe(_HUB_QUEUE)
+        self._task = asyncio.get_running_loop().create_task(self._run(queue), name="live-hub")
+
+    def attach(self, viewer: Viewer) -> None:
+        """Start offering events to a viewer."""
+        self.ensure_started()
+        self._viewers.add(viewer)
+
+    def detach(self, viewer: Viewer) -> None:
+        """Stop offering events to a viewer."""
+        self._viewers.discard(viewer)
+
+    @property
+    def viewers(self) -> int:
+        """Connected viewers."""
+        return len(self._viewers)
+
+    async def _run(self, queue: asyncio.Queue[LiveEvent]) -> None:
+        try:
+            while True:
+                self.offer(await queue.get())
+        finally:
+            self._bus.unsubscribe(queue)
+
+    async def stop(self) -> None:
+        """Stop reading the bus."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def offer(self, event: LiveEvent) -> None:
+        """Hand one bus event to every viewer that may see it and asked for it."""
+        if isinstance(event, TelemetryEvent):
+            self._telemetry(event)
+        elif isinstance(event, DeviceEvent):
+            device = event.device
+            message: Message = {
+                "type": "device",
+                "kind": event.kind,
+                "device_id": str(device.id),
+                "data": self._device_json(device),
+            }
+            for viewer in self._viewers:
+                if viewer.wants("device", device.tenant_id, device.id):
+                    viewer.put(("device", str(device.id)), message)
+        elif isinstance(event, RecordEvent):
+            device_id = None if event.device_id is None else str(event.device_id)
+            record_id = str(event.data.get("id", device_id))
+            message = {
+                "type": event.topic,
+                "kind": event.kind,
+                "device_id": device_id,
+                "data": dict(event.data),
+            }
+            for viewer in self._viewers:
+                if viewer.wants(event.topic, event.tenant_id, event.device_id):
+                    viewer.put((event.topic, record_id), message)
+
+    def _telemetry(self, event: TelemetryEvent) -> None:
+        for item in event.batch:
+            device = item.device
+            self.rate.add(device.tenant_id, len(item.points))
+            interested = [
+                v for v in self._viewers if v.wants("telemetry", device.tenant_id, device.id)
+            ]
+            if not interested:
+                continue
+            values: dict[str, dict[str, Any]] = {}
+            for point in item.points:
+                old = values.get(point.key)
+                if old is None or point.ts >= old["ts"]:
+                    values[point.key] = {"ts": point.ts, "value": point.value}
+            for viewer in interested:
+                viewer.merge_values(device.id, dict(values))
