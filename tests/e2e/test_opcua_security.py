@@ -90,9 +90,16 @@ async def test_set_status_is_published_as_an_amqp_command(tmp_path: Path, amqp_u
                 node = client.get_node(ua.NodeId(f"device:{device['id']}", ns))
                 method = client.get_node(ua.NodeId(f"device:{device['id']}:SetStatus", ns))
                 await node.call_method(method, "maintenance")
+            # The device says it listens (docs/commands.md): its queued commands follow.
+            iiot = await channel.declare_exchange("iiot", aio_pika.ExchangeType.TOPIC, durable=True)
+            await iiot.publish(
+                aio_pika.Message(b"", headers={"token": device["token"]}),
+                routing_key=f"replies.{device['id']}",
+            )
             message = await queue.get(timeout=10, fail=True)
-            assert json.loads(message.body) == {
-                "method": "SetStatus",
-                "params": {"status": "maintenance"},
-            }
+            command = json.loads(message.body)
+            assert (command["method"], command["params"]) == (
+                "SetStatus",
+                {"status": "maintenance"},
+            )
             await message.ack()

@@ -151,6 +151,8 @@ async def test_browse_and_read_latest_values_with_types_and_source_timestamps(wo
         names = {(await child.read_browse_name()).Name for child in await node.get_children()}
         assert names == {
             "Status",
+            "Connected",
+            "LastSeen",
             "SetStatus",
             "SendCommand",
             "temperature",
@@ -467,3 +469,47 @@ async def test_sign_only_mode_works_too(world: World) -> None:
     async with world.client("acme-admin", "password-123", mode="Sign") as client:
         ns = await client.get_namespace_index(NS_URI)
         assert ns > 0
+
+
+class _Listening:
+    """A device listening in the platform process, as a protocol adapter attaches it."""
+
+    protocol = "test"
+    listens_commands = True
+    listens_attributes = False
+
+    async def deliver_command(self, command: Any) -> bool:
+        return True
+
+    async def deliver_attributes(self, shared: Any, deleted: Any) -> None:
+        return None
+
+
+async def test_connected_and_last_seen_follow_the_device(world: World) -> None:
+    device = await world.device(world.acme)
+    async with world.client() as client:
+        ns, node = await device_node(client, "acme", device["name"])
+        connected = await node.get_child(f"{ns}:Connected")
+        last_seen = await node.get_child(f"{ns}:LastSeen")
+        assert await connected.read_value() is False
+        never = await last_seen.read_value()
+        assert never.year == 1601  # OPC UA's "no date": never heard from
+        before = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=5)
+        await world.send(device, {"ts": 1_767_225_600_000, "values": {"t": 1.0}})
+
+        async def seen() -> bool:
+            value = await last_seen.read_value()
+            return value.replace(tzinfo=datetime.UTC) >= before
+
+        await eventually(seen)
+        services = world.api.platform.services
+        stored = await services.store.get_device(None, uuid.UUID(device["id"]))
+        link = _Listening()
+        services.links.attach(stored, link)
+        await eventually(connected.read_value)
+        services.links.detach(stored.id, link)
+
+        async def disconnected() -> bool:
+            return await connected.read_value() is False
+
+        await eventually(disconnected)

@@ -14,7 +14,9 @@ from asyncua import ua as _ua
 __all__ = [
     "TENANTS_FOLDER",
     "args_node",
+    "connected_node",
     "device_node",
+    "last_seen_node",
     "method_node",
     "parse_telemetry_node",
     "status_node",
@@ -43,6 +45,16 @@ def device_node(ns: int, device_id: UUID) -> ua.NodeId:
 def status_node(ns: int, device_id: UUID) -> ua.NodeId:
     """A device's `Status` variable."""
     return ua.NodeId(f"device:{device_id}:Status", ns)
+
+
+def connected_node(ns: int, device_id: UUID) -> ua.NodeId:
+    """A device's `Connected` variable."""
+    return ua.NodeId(f"device:{device_id}:Connected", ns)
+
+
+def last_seen_node(ns: int, device_id: UUID) -> ua.NodeId:
+    """A device's `LastSeen` variable."""
+    return ua.NodeId(f"device:{device_id}:LastSeen", ns)
 
 
 def method_node(ns: int, device_id: UUID) -> ua.NodeId:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -21,8 +22,9 @@ from asyncua.server.server import Server
 
 from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import NodeOwners
+from iiot.adapters.opcua_history import from_ms
 from iiot.adapters.opcua_live import LiveVariable, variant_type
-from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent, TenantEvent
+from iiot.bus import LiveEvent, RecordEvent, TelemetryEvent, TenantEvent
 from iiot.errors import NotFound
 from iiot.model import Device, Point, Tenant
 from iiot.storage.base import Store
@@ -46,6 +48,8 @@ class _DeviceState:
     name: str
     status: str
     keys: dict[str, LiveVariable] = field(default_factory=dict)
+    last_seen: int | None = None  # Unix ms; `LastSeen` is served from it on read
+    connected: bool = False
 
 
 class AddressSpaceSync:
@@ -118,6 +122,7 @@ class AddressSpaceSync:
         """Bring the address space in line with one live event."""
         if isinstance(event, TelemetryEvent):
             devices = self._devices
+            now_ms = int(time.time() * 1000)
             for item in event.batch:
                 if not item.points:
                     continue
@@ -126,6 +131,7 @@ class AddressSpaceSync:
                     if not await self._ensure_device(item.device):
                         continue
                     state = devices[item.device.id]
+                state.last_seen = now_ms
                 new = self._offer(state, item.points)
                 if new:
                     await self._add_variables(item.device.id, state, new)
@@ -136,8 +142,10 @@ class AddressSpaceSync:
             elif event.tenant.id in self._tenants:
                 await self._rename(ids.tenant_node(self._ns, event.tenant.id), event.tenant.name)
             return
-        if not isinstance(event, DeviceEvent):
-            return  # commands, alarms, attributes: not mirrored here (yet)
+        if isinstance(event, RecordEvent):
+            if event.topic == "connectivity" and event.device_id is not None:
+                await self._connectivity(event.device_id, event.data)
+            return  # commands, attributes and alarms have nodes of their own
         device = event.device
         if event.kind == "deleted":
             await self._remove_device(device.id)
@@ -211,6 +219,22 @@ class AddressSpaceSync:
                     _status_value(device.status),
                     ua.AccessLevel.CurrentRead.mask,
                 ),
+                _variable(
+                    ids.connected_node(ns, did),
+                    "Connected",
+                    ns,
+                    obj,
+                    ua.DataValue(Value=ua.Variant(device.connected, ua.VariantType.Boolean)),
+                    ua.AccessLevel.CurrentRead.mask,
+                ),
+                _variable(
+                    ids.last_seen_node(ns, did),
+                    "LastSeen",
+                    ns,
+                    obj,
+                    _last_seen_value(device.last_seen),
+                    ua.AccessLevel.CurrentRead.mask,
+                ),
                 _method(method, "SetStatus", ns, obj),
                 _property(
                     ids.args_node(ns, did),
@@ -223,7 +247,31 @@ class AddressSpaceSync:
         )
         await self._write(ids.status_node(ns, did), _status_value(device.status))
         self._session.add_method_callback(method, self._set_status(did))
-        self._devices[did] = _DeviceState(device.tenant_id, device.name, device.status)
+        state = _DeviceState(device.tenant_id, device.name, device.status)
+        state.last_seen, state.connected = device.last_seen, device.connected
+        self._devices[did] = state
+        # LastSeen moves with every message: served on read, never written per message.
+        node = self._server.iserver.aspace.get(ids.last_seen_node(ns, did))
+        if node is not None:
+            attval = node.attributes[ua.AttributeIds.Value]
+            attval.value = None
+            attval.value_callback = lambda _n, _a: _last_seen_value(state.last_seen)
+
+    async def _connectivity(self, device_id: UUID, data: Mapping[str, Any]) -> None:
+        state = self._devices.get(device_id)
+        if state is None:
+            return
+        seen = data.get("last_seen")
+        if isinstance(seen, int) and (state.last_seen is None or seen > state.last_seen):
+            state.last_seen = seen
+        connected = bool(data.get("connected"))
+        if connected != state.connected:
+            state.connected = connected
+            value = ua.DataValue(
+                Value=ua.Variant(connected, ua.VariantType.Boolean),
+                SourceTimestamp=datetime.datetime.now(datetime.UTC),
+            )
+            await self._write(ids.connected_node(self._ns, device_id), value)
 
     async def _update_device(self, device: Device) -> None:
         state = self._devices[device.id]
@@ -360,6 +408,15 @@ class AddressSpaceSync:
     ) -> None:
         datavalue = value if isinstance(value, ua.DataValue) else ua.DataValue(Value=value)
         await self._server.iserver.aspace.write_attribute_value(nodeid, attr, datavalue)
+
+
+def _last_seen_value(last_seen: int | None) -> ua.DataValue:
+    # 1601-01-01 is OPC UA's "no date": the device was never heard from.
+    when = _NEVER if last_seen is None else from_ms(last_seen)
+    return ua.DataValue(Value=ua.Variant(when, ua.VariantType.DateTime))
+
+
+_NEVER = datetime.datetime(1601, 1, 1, tzinfo=datetime.UTC)
 
 
 def _status_value(status: str) -> ua.DataValue:
