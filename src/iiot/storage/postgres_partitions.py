@@ -41,6 +41,7 @@ BEHIND_WEEKS = 1  # and before it: late points of last week get a partition too
 _PREFIX = "telemetry_w"
 # DDL on the parent waits for transactions using it; it must never hold writers up long.
 _LOCK_TIMEOUT = "500ms"
+_PARTITIONS_LOCK = 7_402_315_008  # pg_advisory_xact_lock key: one maker at a time
 _STORAGE = "autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 100000"
 # The partitions of telemetry with their bounds, as PostgreSQL prints them.
 _PARTITIONS_SQL = (
@@ -102,6 +103,11 @@ async def _make(conn: Any, name: str, week: int) -> bool:
     try:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+            # Processes starting at once make each week once: one at a time, and the
+            # later ones find it made.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITIONS_LOCK)
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+                return False
             # Made apart and then attached: ATTACH takes a lock that lets writers go on.
             await conn.execute(
                 f"CREATE TABLE {name} (LIKE telemetry INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
