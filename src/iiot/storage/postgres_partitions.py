@@ -149,21 +149,17 @@ async def drop_expired_partitions(run: Run, tenant_id: Any, before_ts: int) -> i
     for name, estimate in await run(candidates):
 
         async def drop(conn: Any, name: str = name) -> bool:
+            # Checked once without a lock, so that a week shared with other tenants never
+            # holds writers up; then again under the lock the drop takes anyway, so that
+            # no late point of another tenant slips in between check and drop.
+            if await _others_in(conn, name, tenant_id):
+                return False  # another tenant's points: deleted row by row instead
             try:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
-                    # Dropping a partition locks the whole table anyway; taken first, no
-                    # late point of another tenant can slip in between check and drop.
                     await conn.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
-                    rows = await conn.fetch(_DEVICES_OF.format(table=name))
-                    others = await conn.fetchval(
-                        "SELECT count(*) FROM devices"
-                        " WHERE id = ANY($1::uuid[]) AND tenant_id <> $2",
-                        [r["device_id"] for r in rows],
-                        tenant_id,
-                    )
-                    if others:
-                        return False  # another tenant's points: deleted row by row instead
+                    if await _others_in(conn, name, tenant_id):
+                        return False
                     await conn.execute(f"DROP TABLE {name}")
                     return True
             except asyncpg.LockNotAvailableError:
@@ -174,3 +170,14 @@ async def drop_expired_partitions(run: Run, tenant_id: Any, before_ts: int) -> i
             log.info("dropped telemetry partition %s (about %d points)", name, estimate)
             removed += estimate
     return removed
+
+
+async def _others_in(conn: Any, name: str, tenant_id: Any) -> bool:
+    """Whether partition `name` holds points of devices of other tenants."""
+    rows = await conn.fetch(_DEVICES_OF.format(table=name))
+    others = await conn.fetchval(
+        "SELECT count(*) FROM devices WHERE id = ANY($1::uuid[]) AND tenant_id <> $2",
+        [r["device_id"] for r in rows],
+        tenant_id,
+    )
+    return bool(others)
