@@ -6,8 +6,9 @@
 1. A fresh database (`iiot_bench_*`, dropped afterwards) is filled through SQL
    (`INSERT ... SELECT generate_series`, into the partitioned table with its key) with
    --small points: 1,000 devices of 10 tenants, 4 keys, points evenly spaced so that the
-   small table spans 25 hours back from now (the large one the same spacing, further
-   back): the 24-hour history query returns as many points at both sizes. The weeks the
+   small table holds one week back from now (the large one the same rate, further back,
+   as a fleet sending at a steady rate fills it): the current week's partition and the
+   24-hour history query hold as many points at both sizes. The weeks the
    data spans get their partitions first, as a platform running then would have made them.
 2. At that size it measures, each for --seconds:
    - writes: `PostgresStore.write_points` of 5,000-point batches of new points (now and
@@ -15,8 +16,9 @@
    - the API's read mix, on the store (the queries the REST API runs, without HTTP): per
      request a random device's latest values, its 24-hour history of one key, or a page
      of the device list, from 16 concurrent tasks, in requests/s.
-3. It adds older points until the table holds --large points and measures the same again.
-   The figures are the large table's beside the small one's (the goal: within 10 %).
+3. A second database holds --large points the same way (further back in time); the two
+   are measured alternately, twice each, and the best run of each counts. The figures are
+   the large table's beside the small one's (the goal: within 10 %).
 4. Retention: a separate tenant holds 35 days of its own data (10 devices, 4 keys, one
    point a minute), five weeks before the rest; `delete_telemetry_before` past those
    weeks is timed (the goal: under a second when the data fills whole partitions).
@@ -169,100 +171,113 @@ async def _count(url: str) -> int:
         await conn.close()
 
 
+async def _objects(url: str) -> tuple[list[Device], list[Device], Any]:
+    """The fleet's devices, the archive tenant's devices, and the archive tenant."""
+    async with PostgresStore(url) as store:
+        tenants = [await store.create_tenant(f"t{i}") for i in range(TENANTS)]
+        devices = [
+            await store.create_device(tenants[i % TENANTS].id, f"d{i}", f"h{uuid.uuid4()}")
+            for i in range(DEVICES)
+        ]
+        archive = await store.create_tenant("archive")
+        kept = [
+            await store.create_device(archive.id, f"a{i}", f"h{uuid.uuid4()}")
+            for i in range(ARCHIVE_DEVICES)
+        ]
+    return devices, kept, archive
+
+
+async def _one_round(
+    url: str, devices: list[Device], end: int, next_ts: int, seconds: float
+) -> tuple[float, float, int]:
+    """(write points/s, read requests/s, next free ts) on one database."""
+    async with PostgresStore(url) as store:
+        await store.write_points(  # warm the store's caches (devices, series)
+            [DevicePoints(d, tuple(Point(k, next_ts, 1.0) for k in KEYS)) for d in devices]
+        )
+        write_rate, next_ts = await _writes(store, devices, next_ts + 1000, seconds)
+        read_rate = await _reads(store, devices, end, seconds)
+    return write_rate, read_rate, next_ts
+
+
 async def measure(small: int, large: int, seconds: float) -> dict[str, Any]:
     """Run the whole benchmark; returns its result."""
     series = DEVICES * len(KEYS)
     end = now_ms() // 1000 * 1000
-    async with temporary_database("iiot_bench_parts") as url:
-        async with PostgresStore(url) as store:
-            tenants = [await store.create_tenant(f"t{i}") for i in range(TENANTS)]
-            devices = [
-                await store.create_device(tenants[i % TENANTS].id, f"d{i}", f"h{uuid.uuid4()}")
-                for i in range(DEVICES)
-            ]
-            archive = await store.create_tenant("archive")
-            kept = [
-                await store.create_device(archive.id, f"a{i}", f"h{uuid.uuid4()}")
-                for i in range(ARCHIVE_DEVICES)
-            ]
-        ids = [d.id for d in devices]
-        small_steps = small // series
-        large_steps = large // series
-        step_ms = 25 * 3_600_000 // small_steps
-        # The archive's data: five weeks wholly before the fleet's oldest week.
-        oldest_fleet = end - large_steps * step_ms
-        archive_end = (oldest_fleet // WEEK_MS - 1) * WEEK_MS - 1
-        archive_first = archive_end - ARCHIVE_DAYS * DAY_MS
-        await _make_weeks(url, archive_first, end + WEEK_MS)
-        _progress(f"filling {small:,} points")
-        started = time.perf_counter()
-        await _fill_parallel(url, ids, end, range(1, small_steps + 1), step_ms)
-        await _fill(
-            url,
-            [d.id for d in kept],
-            KEYS,
-            archive_end,
-            range(0, ARCHIVE_DAYS * DAY_MS // ARCHIVE_STEP_MS),
-            ARCHIVE_STEP_MS,
-        )
-        await _vacuum(url)
-        fill_small_s = time.perf_counter() - started
-        results: dict[str, dict[str, float]] = {}
-        next_ts = end
-        for size, steps in (("small", small_steps), ("large", large_steps)):
-            if size == "large":
-                _progress(f"growing to {large:,} points")
-                started = time.perf_counter()
-                await _fill_parallel(url, ids, end, range(small_steps + 1, steps + 1), step_ms)
-                await _vacuum(url)
-                fill_large_s = time.perf_counter() - started
-            async with PostgresStore(url) as store:
-                await store.write_points(  # warm the store's caches (devices, series)
-                    [DevicePoints(d, tuple(Point(k, next_ts, 1.0) for k in KEYS)) for d in devices]
+    small_steps, large_steps = small // series, large // series
+    # A fleet at a steady rate: the small table is one week of it, the large one five
+    # weeks, so the current week's partition (where writes go) is equally big in both.
+    step_ms = WEEK_MS // small_steps
+    async with (
+        temporary_database("iiot_bench_parts") as small_url,
+        temporary_database("iiot_bench_parts") as large_url,
+    ):
+        fleets: dict[str, list[Device]] = {}
+        fill_s: dict[str, float] = {}
+        sizes = (("small", small_url, small_steps), ("large", large_url, large_steps))
+        for size, url, steps in sizes:
+            devices, kept, archive = await _objects(url)
+            fleets[size] = devices
+            # The archive tenant's data: five weeks wholly before the fleet's oldest week.
+            archive_end = ((end - steps * step_ms) // WEEK_MS - 1) * WEEK_MS - 1
+            archive_first = archive_end - ARCHIVE_DAYS * DAY_MS
+            await _make_weeks(url, archive_first, end + WEEK_MS)
+            _progress(f"filling {size}: {steps * series:,} points")
+            started = time.perf_counter()
+            await _fill_parallel(url, [d.id for d in devices], end, range(1, steps + 1), step_ms)
+            if size == "large":  # only one database needs it, for the retention figure
+                archive_range = range(0, ARCHIVE_DAYS * DAY_MS // ARCHIVE_STEP_MS)
+                await _fill(
+                    url, [d.id for d in kept], KEYS, archive_end, archive_range, ARCHIVE_STEP_MS
                 )
-                next_ts += 1000
-                _progress(f"{size}: writes")
-                write_rate, next_ts = await _writes(store, devices, next_ts, seconds)
-                _progress(f"{size}: read mix")
-                read_rate = await _reads(store, devices, end, seconds)
-            results[size] = {"points": await _count(url), "write": write_rate, "read": read_rate}
-            _progress(f"{size}: {results[size]}")
-        async with PostgresStore(url) as store:
-            conn = await asyncpg.connect(url)
-            try:
-                partitions_before = await conn.fetchval(
-                    "SELECT count(*) FROM pg_inherits WHERE inhparent = 'telemetry'::regclass"
+                retention = (archive, kept, archive_end)
+            await _vacuum(url)
+            fill_s[size] = time.perf_counter() - started
+        # Alternating small and large, so that load from other programs hits both alike.
+        runs: dict[str, dict[str, list[float]]] = {
+            size: {"write": [], "read": []} for size in fleets
+        }
+        next_ts = {size: end for size in fleets}
+        for round_no in range(2):
+            for size, url, _ in sizes:
+                _progress(f"round {round_no + 1}: {size}")
+                write_rate, read_rate, next_ts[size] = await _one_round(
+                    url, fleets[size], end, next_ts[size], seconds
                 )
-            finally:
-                await conn.close()
+                runs[size]["write"].append(write_rate)
+                runs[size]["read"].append(read_rate)
+        points = {
+            size: await _count(url) for size, url in (("small", small_url), ("large", large_url))
+        }
+        archive, kept, archive_end = retention
+        async with PostgresStore(large_url) as store:
+            partitions_before = await _partition_count(large_url)
             began = time.perf_counter()
             removed = await store.delete_telemetry_before(archive.id, archive_end + 1)
             retention_s = time.perf_counter() - began
-            conn = await asyncpg.connect(url)
-            try:
-                partitions_after = await conn.fetchval(
-                    "SELECT count(*) FROM pg_inherits WHERE inhparent = 'telemetry'::regclass"
-                )
-                archive_left = await conn.fetchval(
-                    "SELECT count(*) FROM telemetry WHERE device_id = ANY($1::uuid[])",
-                    [d.id for d in kept],
-                )
-            finally:
-                await conn.close()
-    small_r, large_r = results["small"], results["large"]
+        partitions_after = await _partition_count(large_url)
+        conn = await asyncpg.connect(large_url)
+        try:
+            archive_left = await conn.fetchval(
+                "SELECT count(*) FROM telemetry WHERE device_id = ANY($1::uuid[])",
+                [d.id for d in kept],
+            )
+        finally:
+            await conn.close()
+    best = {size: {kind: max(v) for kind, v in r.items()} for size, r in runs.items()}
     archive_points = ARCHIVE_DEVICES * len(KEYS) * (ARCHIVE_DAYS * DAY_MS // ARCHIVE_STEP_MS)
     figures = [
         throughput(
-            f"write_points at {large_r['points']:,} points",
-            large_r["write"],
-            f"at {small_r['points']:,} points",
-            small_r["write"],
+            f"write_points, table of {large_steps * series:,} points",
+            best["large"]["write"],
+            f"table of {small_steps * series:,} points",
+            best["small"]["write"],
         ),
         throughput(
-            f"read mix (latest, 24 h history, device list) at {large_r['points']:,} points",
-            large_r["read"],
-            f"at {small_r['points']:,} points",
-            small_r["read"],
+            f"read mix (latest, 24 h history, device list), table of {large_steps * series:,}",
+            best["large"]["read"],
+            f"table of {small_steps * series:,} points",
+            best["small"]["read"],
             unit="req/s",
         ),
         {
@@ -279,21 +294,35 @@ async def measure(small: int, large: int, seconds: float) -> dict[str, Any]:
         "name": "partitions",
         "figures": figures,
         "notes": [
-            f"fill: {fill_small_s:.0f} s to {small:,} points, {fill_large_s:.0f} s more to"
-            f" {large:,}; each measurement {seconds:g} s on a shared 2-core machine",
+            f"fill: {fill_s['small']:.0f} s (small), {fill_s['large']:.0f} s (large, with the"
+            f" archive); best of 2 alternating runs of {seconds:g} s each, shared 2-core machine",
             f"retention removed about {removed:,} points, partitions {partitions_before} ->"
             f" {partitions_after}, archive points left {archive_left}",
         ],
         "params": {"small": small, "large": large, "seconds": seconds, "step_ms": step_ms},
-        "details": results,
+        "details": {"runs": runs, "points_at_end": points},
     }
+
+
+async def _partition_count(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'telemetry'::regclass"
+            )
+        )
+    finally:
+        await conn.close()
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     """The benchmark at its default (or quick) sizes."""
+    # `make bench` keeps each module to a few minutes on a 2-core machine: the default is
+    # the same 1:5 ratio as the goal's 10 and 50 million points (--small/--large for those).
     if quick:
-        return asyncio.run(measure(1_000_000, 5_000_000, 10))
-    return asyncio.run(measure(10_000_000, 50_000_000, 20))
+        return asyncio.run(measure(500_000, 2_500_000, 5))
+    return asyncio.run(measure(1_000_000, 5_000_000, 8))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

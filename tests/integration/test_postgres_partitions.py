@@ -3,6 +3,7 @@ and an existing table converted with its rows (migration 0008)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -183,3 +184,23 @@ async def test_an_existing_table_is_converted_with_its_rows(pg_url: str) -> None
         assert await conn.fetchval(f"SELECT count(*) FROM telemetry_w{future // WEEK_MS}") == 1
     finally:
         await conn.close()
+
+
+async def test_processes_starting_at_once_make_each_partition_once(pg_url: str) -> None:
+    async with PostgresStore(pg_url):
+        pass
+    conn = await asyncpg.connect(pg_url)
+    try:  # as if the platform had not run for weeks: the partitions are to be made again
+        for name in await _partitions(pg_url):
+            if name.startswith("telemetry_w"):
+                await conn.execute(f"DROP TABLE {name}")
+    finally:
+        await conn.close()
+    stores = [PostgresStore(pg_url) for _ in range(4)]
+    await asyncio.gather(*(s.__aenter__() for s in stores))
+    try:
+        this_week = now_ms() // WEEK_MS
+        expected = {f"telemetry_w{w}" for w in range(this_week - BEHIND_WEEKS, this_week + 5)}
+        assert expected <= await _partitions(pg_url)
+    finally:
+        await asyncio.gather(*(s.__aexit__(None, None, None) for s in stores))

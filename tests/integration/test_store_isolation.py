@@ -16,11 +16,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from iiot.errors import InvalidRequest, NotFound, StorageUnavailable
+from iiot.config import load_settings
+from iiot.errors import ConfigError, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, DevicePoints, Point
 from iiot.storage import Store, TelemetryQuery, open_store
 from iiot.storage.postgres import PostgresStore
 from iiot.storage.sqlite import SqliteStore
+from tests.support import temporary_pg_database
 
 pytestmark = pytest.mark.asyncio
 
@@ -273,3 +275,34 @@ async def test_sqlite_reads_do_not_wait_for_the_writer(tmp_path: Path) -> None:
             other.close()
         await asyncio.wait_for(write, HANG_S)
         assert len((await store.query_telemetry(None, device.id, ALL_TIME))["t"]) == 10
+
+
+# --- IIOT_DATABASE_READ_URL ----------------------------------------------------------------
+
+
+async def test_queries_go_to_the_read_replica_when_one_is_set(pg_url: str) -> None:
+    async with temporary_pg_database(pg_url, "iiot_replica") as replica_url:
+        # A stand-in for a replica: the same schema, a copy of the data as of some moment.
+        async with PostgresStore(replica_url) as replica:
+            await replica.create_tenant("seen-on-the-replica")
+        async with PostgresStore(pg_url, read_url=replica_url) as store:
+            tenant = await store.create_tenant("written-to-the-primary")
+            device = await _device(store, tenant.id, "d")
+            await store.write_points(_points(device, "t", 10))
+            # Lists and telemetry are read from the replica...
+            names = [t.name for t in (await store.list_tenants(None, 10, 0)).items]
+            assert names == ["seen-on-the-replica"]
+            with pytest.raises(NotFound):
+                await store.query_telemetry(None, device.id, ALL_TIME)
+            # ...single objects, logins and device tokens from the primary.
+            assert (await store.get_tenant(None, tenant.id)).name == "written-to-the-primary"
+            assert (await store.get_device(None, device.id)).name == "d"
+
+
+async def test_a_read_replica_needs_postgresql(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="IIOT_DATABASE_READ_URL"):
+        open_store(f"sqlite:///{tmp_path / 'iiot.db'}", read_url="postgresql://replica/iiot")
+    settings = load_settings({"IIOT_DATABASE_READ_URL": "postgresql://replica:5432/iiot"})
+    assert settings.database_read_url == "postgresql://replica:5432/iiot"
+    with pytest.raises(ConfigError, match="IIOT_DATABASE_READ_URL"):
+        load_settings({"IIOT_DATABASE_READ_URL": "mysql://replica/iiot"})

@@ -41,6 +41,7 @@ BEHIND_WEEKS = 1  # and before it: late points of last week get a partition too
 _PREFIX = "telemetry_w"
 # DDL on the parent waits for transactions using it; it must never hold writers up long.
 _LOCK_TIMEOUT = "500ms"
+_PARTITIONS_LOCK = 7_402_315_008  # pg_advisory_xact_lock key: one maker at a time
 _STORAGE = "autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 100000"
 # The partitions of telemetry with their bounds, as PostgreSQL prints them.
 _PARTITIONS_SQL = (
@@ -102,6 +103,11 @@ async def _make(conn: Any, name: str, week: int) -> bool:
     try:
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+            # Processes starting at once make each week once: one at a time, and the
+            # later ones find it made.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITIONS_LOCK)
+            if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+                return False
             # Made apart and then attached: ATTACH takes a lock that lets writers go on.
             await conn.execute(
                 f"CREATE TABLE {name} (LIKE telemetry INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
@@ -143,21 +149,17 @@ async def drop_expired_partitions(run: Run, tenant_id: Any, before_ts: int) -> i
     for name, estimate in await run(candidates):
 
         async def drop(conn: Any, name: str = name) -> bool:
+            # Checked once without a lock, so that a week shared with other tenants never
+            # holds writers up; then again under the lock the drop takes anyway, so that
+            # no late point of another tenant slips in between check and drop.
+            if await _others_in(conn, name, tenant_id):
+                return False  # another tenant's points: deleted row by row instead
             try:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
-                    # Dropping a partition locks the whole table anyway; taken first, no
-                    # late point of another tenant can slip in between check and drop.
                     await conn.execute("LOCK TABLE telemetry IN ACCESS EXCLUSIVE MODE")
-                    rows = await conn.fetch(_DEVICES_OF.format(table=name))
-                    others = await conn.fetchval(
-                        "SELECT count(*) FROM devices"
-                        " WHERE id = ANY($1::uuid[]) AND tenant_id <> $2",
-                        [r["device_id"] for r in rows],
-                        tenant_id,
-                    )
-                    if others:
-                        return False  # another tenant's points: deleted row by row instead
+                    if await _others_in(conn, name, tenant_id):
+                        return False
                     await conn.execute(f"DROP TABLE {name}")
                     return True
             except asyncpg.LockNotAvailableError:
@@ -168,3 +170,14 @@ async def drop_expired_partitions(run: Run, tenant_id: Any, before_ts: int) -> i
             log.info("dropped telemetry partition %s (about %d points)", name, estimate)
             removed += estimate
     return removed
+
+
+async def _others_in(conn: Any, name: str, tenant_id: Any) -> bool:
+    """Whether partition `name` holds points of devices of other tenants."""
+    rows = await conn.fetch(_DEVICES_OF.format(table=name))
+    others = await conn.fetchval(
+        "SELECT count(*) FROM devices WHERE id = ANY($1::uuid[]) AND tenant_id <> $2",
+        [r["device_id"] for r in rows],
+        tenant_id,
+    )
+    return bool(others)
