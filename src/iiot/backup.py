@@ -544,7 +544,10 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
                 _refuse_non_empty(counts, where)
             else:
                 await lock_out_writers(conn)  # a running platform must recheck its devices
-                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)}")
+                # CASCADE: tables that are not in backups but refer to devices (commands,
+                # attributes) are emptied with them, as SQLite's foreign keys do.
+                tables = ", ".join(name for name, _ in _TABLES)
+                await conn.execute(f"TRUNCATE {tables} CASCADE")
             for name, _ in _TABLES:
                 entry = manifest.tables.get(name)
                 if entry is None:
