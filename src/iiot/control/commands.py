@@ -319,6 +319,8 @@ class CommandService:
         """Expire, time out and re-queue the commands whose time has come."""
         now = now_ms()
         for command in await self._store.control.due_commands(None, now, 1000):
+            if command.final:
+                continue
             if command.expires_at <= now:
                 await self._move(command, "EXPIRED", EXPIRABLE, error="expired before an answer")
             elif command.status == "TIMEOUT":

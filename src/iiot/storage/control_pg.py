@@ -250,6 +250,7 @@ class PgControlStore:
                 f"SELECT {_COLS} FROM commands"
                 " WHERE status IN ('QUEUED', 'SENT', 'DELIVERED', 'TIMEOUT')"
                 " AND (deadline <= $1 OR expires_at <= $1)"
+                " AND NOT (status = 'DELIVERED' AND oneway)"  # final for one-way commands
                 " AND ($2::uuid IS NULL OR tenant_id = $2) ORDER BY created_at LIMIT $3",
                 now,
                 scope,

@@ -261,6 +261,7 @@ class SqliteControlStore:
         where = (
             "status IN ('QUEUED', 'SENT', 'DELIVERED', 'TIMEOUT')"
             " AND (deadline <= ? OR expires_at <= ?) AND (? IS NULL OR tenant_id = ?)"
+            " AND NOT (status = 'DELIVERED' AND oneway)"  # final for one-way commands
             " ORDER BY created_at LIMIT ?"
         )
         args = (now, now, _b(scope), _b(scope), limit)
