@@ -41,6 +41,7 @@ async def test_amqp_device_gets_commands_and_replies(
         assert waiting["status"] in ("QUEUED", "SENT")  # no queue bound: never DELIVERED
         path = [t["status"] for t in waiting["transitions"]]
         assert "DELIVERED" not in path
+        assert waiting["attempts"] == 0  # a queue that was not there took nothing
         assert path.count("SENT") <= 1  # one look for the device's queue, not a busy loop
 
         received: list[dict[str, Any]] = []

@@ -270,7 +270,7 @@ class CommandService:
             await self._move(command, "EXPIRED", EXPIRABLE)
             return True
         sent = await self._move(
-            command, "SENT", CLAIMABLE, deadline=now + command.timeout_ms, count_attempt=True
+            command, "SENT", CLAIMABLE, deadline=now + command.timeout_ms, add_attempts=1
         )
         if sent is None:
             return True  # another process (or a cancel) took it first
@@ -279,11 +279,16 @@ class CommandService:
             confirmed = await link.deliver_command(outbound)
         except DeliveryFailed as exc:
             log.info("command %s not delivered over %s: %s", sent.id, link.protocol, exc)
-            await self._move(sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}")
+            # The device never had it: the attempt does not count against its retries.
+            await self._move(
+                sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
+            )
             return False
         except Exception as exc:  # a broken adapter must not lose the command
             log.exception("link %s failed delivering command %s", link.protocol, sent.id)
-            await self._move(sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}")
+            await self._move(
+                sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
+            )
             return False
         if confirmed:
             deadline = None if sent.oneway else now_ms() + sent.timeout_ms
@@ -360,7 +365,7 @@ class CommandService:
         deadline: int | None = None,
         response: Any = UNSET,
         error: str | None = None,
-        count_attempt: bool = False,
+        add_attempts: int = 0,
     ) -> Command | None:
         moved = await self._store.control.transition_command(
             None,
@@ -371,7 +376,7 @@ class CommandService:
             deadline=deadline,
             response=response,
             error=error,
-            count_attempt=count_attempt,
+            add_attempts=add_attempts,
         )
         if moved is not None:
             self._announce(moved)

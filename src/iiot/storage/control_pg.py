@@ -197,7 +197,7 @@ class PgControlStore:
         deadline: int | None = None,
         response: Any = UNSET,
         error: str | None = None,
-        count_attempt: bool = False,
+        add_attempts: int = 0,
     ) -> Command | None:
         """Conditional move with its transition row, in one statement."""
 
@@ -214,7 +214,7 @@ class PgControlStore:
                 response is not UNSET,
                 None if response is UNSET else json.dumps(response),
                 error,
-                1 if count_attempt else 0,
+                add_attempts,
                 scope,
                 device_id,
             )
