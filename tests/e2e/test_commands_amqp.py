@@ -41,7 +41,8 @@ async def test_amqp_device_gets_commands_and_replies(
         assert waiting["status"] in ("QUEUED", "SENT")  # no queue bound: never DELIVERED
         path = [t["status"] for t in waiting["transitions"]]
         assert "DELIVERED" not in path
-        assert waiting["attempts"] == 0  # a queue that was not there took nothing
+        # A queue that was not there took nothing (one send may be under way).
+        assert waiting["attempts"] == (1 if waiting["status"] == "SENT" else 0)
         assert path.count("SENT") <= 1  # one look for the device's queue, not a busy loop
 
         received: list[dict[str, Any]] = []
