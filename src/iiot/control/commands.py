@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import Any, Self
 from uuid import UUID
 
@@ -234,11 +235,11 @@ class CommandService:
             self._pending_flush.discard(device_id)
             failed: set[int] = set()
             while True:
-                links = [
+                links = _by_preference(
                     link
                     for link in self._links.links(device_id)
                     if link.listens_commands and id(link) not in failed
-                ]
+                )
                 if not links:
                     break
                 queued = await self._store.control.queued_commands(None, device_id, _BATCH)
@@ -417,6 +418,15 @@ class CommandService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("command task failed: %s", task.exception())
+
+
+def _by_preference(links: Iterable[DeviceLink]) -> list[DeviceLink]:
+    """Links that can prove delivery first (an external broker cannot), newest first: the
+    device's latest connection is the one most likely alive."""
+    ordered = list(links)
+    ordered.reverse()
+    ordered.sort(key=lambda link: not getattr(link, "confirms_delivery", True))
+    return ordered
 
 
 class _Waiter:
