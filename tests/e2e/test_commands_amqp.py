@@ -61,6 +61,8 @@ async def test_amqp_device_gets_commands_and_replies(
                     command = json.loads(message.body)
                     received.append(command)
                     assert message.correlation_id == command["id"]
+                    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+                    assert message.content_type == "application/json"
                     await exchange.publish(
                         aio_pika.Message(
                             json.dumps({"done": command["method"]}).encode(),
