@@ -119,7 +119,7 @@ async def _ingest(client: httpx.AsyncClient, tokens: list[str], seconds: float) 
 
 async def _run(quick: bool) -> dict[str, Any]:
     seconds = 3.0 if quick else 10.0
-    queued_devices = 200 if quick else 1000
+    queued_devices = 200 if quick else 1000 + 40 + MQTT_DEVICES  # 1,000 offline
     async with temporary_database() as url:
         port = _free_port()
         data = Path(tempfile.mkdtemp(prefix="iiot-bench-commands-"))
