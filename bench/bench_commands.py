@@ -1,8 +1,9 @@
 """Commands: REST -> device -> reply -> REST round trip, queued delivery to many devices on
 connect, and telemetry ingestion with commands flowing against without (same run).
 
-The device side is the HTTP long poll (`GET /api/v1/{token}/rpc`) with httpx; the platform
-runs as `iiot run` on a throwaway PostgreSQL database.
+The device side is the HTTP long poll (`GET /api/v1/{token}/rpc`) with httpx, and paho on a
+private Mosquitto (the external-broker path, `IIOT_MQTT_URL`) when `mosquitto` is
+installed; the platform runs as `iiot run` on a throwaway PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ import httpx
 
 from bench.figures import throughput
 from bench.pg import temporary_database
+
+MQTT_DEVICES = 20
 
 ADMIN_PASSWORD = "bench-admin-password"
 
@@ -114,7 +119,7 @@ async def _ingest(client: httpx.AsyncClient, tokens: list[str], seconds: float) 
 
 async def _run(quick: bool) -> dict[str, Any]:
     seconds = 3.0 if quick else 10.0
-    queued_devices = 200 if quick else 1000
+    queued_devices = 200 if quick else 1000 + 40 + MQTT_DEVICES  # 1,000 offline
     async with temporary_database() as url:
         port = _free_port()
         data = Path(tempfile.mkdtemp(prefix="iiot-bench-commands-"))
@@ -132,6 +137,7 @@ async def _run(quick: bool) -> dict[str, Any]:
             "IIOT_OPCUA_PORT": "0",
             "IIOT_LOG_LEVEL": "WARNING",
         }
+        broker = None
         proc = subprocess.Popen([sys.executable, "-m", "iiot", "run"], env=env)  # noqa: ASYNC220
         try:
             await _wait_port(port)
@@ -163,7 +169,7 @@ async def _run(quick: bool) -> dict[str, Any]:
                 await asyncio.gather(*pollers)
 
                 # Persistent commands for offline devices, then every device connects.
-                offline = devices[40:]
+                offline = devices[40 + MQTT_DEVICES :]  # the others answer over MQTT below
                 sem = asyncio.Semaphore(50)
 
                 async def queue(device: dict[str, Any]) -> None:
@@ -187,11 +193,60 @@ async def _run(quick: bool) -> dict[str, Any]:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        # The same platform again, now also reaching devices through an external broker
+        # (every device gets a link through it, so it runs apart from the phases above).
+        mqtt_latencies: list[float] = []
+        broker = _broker(data)
+        if broker is not None:
+            env["IIOT_MQTT_URL"] = f"mqtt://127.0.0.1:{broker.port}?client_id=iiot-bench-commands"
+            proc = subprocess.Popen([sys.executable, "-m", "iiot", "run"], env=env)  # noqa: ASYNC220
+            try:
+                await _wait_port(port)
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}", timeout=60
+                ) as client:
+                    login = await client.post(
+                        "/api/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+                    )
+                    admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
+                    mqtt_devices = devices[40 : 40 + MQTT_DEVICES]
+                    device_client = await asyncio.to_thread(
+                        _mqtt_devices, broker.port, mqtt_devices
+                    )
+                    await asyncio.sleep(1.0)  # the platform's broker session is up
+                    try:
+                        mqtt_latencies = await _round_trips(
+                            client, admin, mqtt_devices, 100, seconds
+                        )
+                    finally:
+                        device_client.loop_stop()
+                        device_client.disconnect()
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+                broker.stop()
     p50 = statistics.median(latencies) if latencies else None
     p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 100 else None
+    mqtt_figures = []
+    if len(mqtt_latencies) >= 100:
+        mqtt_figures = [
+            {
+                "label": "command round trip p50 (paho via external Mosquitto)",
+                "value": statistics.median(mqtt_latencies),
+                "unit": "ms",
+                "kind": "latency",
+            },
+            {
+                "label": "command round trip p99 (paho via external Mosquitto; goal < 50 ms)",
+                "value": statistics.quantiles(mqtt_latencies, n=100)[98],
+                "unit": "ms",
+                "kind": "latency",
+            },
+        ]
     return {
         "name": "commands",
         "figures": [
+            *mqtt_figures,
             {
                 "label": "command round trip p50 (HTTP long poll device)",
                 "value": p50,
@@ -224,6 +279,35 @@ async def _run(quick: bool) -> dict[str, Any]:
         ],
         "params": {"seconds": seconds, "devices": queued_devices},
     }
+
+
+def _broker(workdir: Path) -> Any:
+    """A private Mosquitto, or None when it is not installed."""
+    if shutil.which("mosquitto") is None:
+        return None
+    from bench.bench_mqtt import _Mosquitto
+
+    return _Mosquitto(workdir)
+
+
+def _mqtt_devices(port: int, devices: list[dict[str, Any]]) -> Any:
+    """One paho client answering every command of these devices (our topics)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-dev")
+    subscribed = threading.Event()
+
+    def on_message(c: Any, userdata: Any, message: Any) -> None:
+        c.publish(message.topic + "/reply", b'{"ok": true}', qos=1)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe([(f"devices/{d['id']}/commands/+", 1) for d in devices])
+    subscribed.wait(10)
+    return client
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -178,9 +178,7 @@ class Platform:
             commands = await self._stack.enter_async_context(
                 CommandService(store, bus, links, metrics, distributed=self.role != "all")
             )
-            attributes = await self._stack.enter_async_context(
-                AttributeService(store, bus, links)
-            )
+            attributes = await self._stack.enter_async_context(AttributeService(store, bus, links))
             self._services = Services(
                 settings=settings,
                 store=store,

@@ -210,6 +210,28 @@ async def test_expiry_retries_cancel_and_roles(tmp_path: Path, database: dict[st
         )
         await _until(api, f"/api/commands/{expiring['id']}", "EXPIRED")
 
+        # A one-way command the device took is final at DELIVERED: its expiry changes nothing.
+        soon = int(time.time() * 1000) + 1000
+        oneway = await api.ok(
+            "POST",
+            url,
+            202,
+            json={"method": "o", "persistent": True, "oneway": True, "expires_at": soon},
+            headers=api.admin,
+        )
+        left = await api.ok(
+            "POST",
+            url,
+            202,
+            json={"method": "l", "persistent": True, "expires_at": soon},
+            headers=api.admin,
+        )
+        assert (await _poll(api, token)).json()["id"] == oneway["id"]
+        await _until(api, f"/api/commands/{oneway['id']}", "DELIVERED")
+        await _until(api, f"/api/commands/{left['id']}", "EXPIRED")
+        still = await api.ok("GET", f"/api/commands/{oneway['id']}", headers=api.admin)
+        assert still["status"] == "DELIVERED"
+
         canceled = await api.ok(
             "POST", url, 202, json={"method": "y", "persistent": True}, headers=api.admin
         )
@@ -262,7 +284,7 @@ async def test_expiry_retries_cancel_and_roles(tmp_path: Path, database: dict[st
         refused = await api.client.post(url, json={"method": "x"}, headers=reader)
         assert refused.status_code == 403
         page = await api.ok("GET", url, headers=reader)
-        assert page["total"] == 4
+        assert page["total"] == 6
         # Another tenant sees nothing.
         other = await api.tenant("other")
         _, stranger = await api.user("stranger", "tenant_admin", other["id"])

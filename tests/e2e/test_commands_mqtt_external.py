@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,27 @@ async def test_paho_device_through_external_broker(tmp_path: Path, pg_url: str) 
                         break
                     await asyncio.sleep(0.05)
                 assert attrs["client"]["fw"]["value"] == "2.0"
+
+                # A device polling over HTTP gets its commands there, not through the
+                # broker (a link that can prove delivery is preferred).
+                poller = await api.device(api.admin, "poller", tenant_id=tenant["id"])
+                poll = asyncio.create_task(
+                    api.client.get(f"/api/v1/{poller['token']}/rpc", params={"timeout": 10_000})
+                )
+                links = api.platform.services.links
+                for _ in range(200):  # the poll is open: the broker's link and the poll's
+                    if len(links.links(uuid.UUID(poller["id"]))) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+                sent = await api.ok(
+                    "POST",
+                    f"/api/devices/{poller['id']}/commands",
+                    202,
+                    json={"method": "viaHttp", "persistent": True, "oneway": True},
+                    headers=api.admin,
+                )
+                answer = await poll
+                assert answer.status_code == 200 and answer.json()["id"] == sent["id"]
             finally:
                 client.loop_stop()
                 client.disconnect()

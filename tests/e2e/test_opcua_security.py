@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asyncua import ua
@@ -96,10 +98,18 @@ async def test_set_status_is_published_as_an_amqp_command(tmp_path: Path, amqp_u
                 aio_pika.Message(b"", headers={"token": device["token"]}),
                 routing_key=f"replies.{device['id']}",
             )
-            message = await queue.get(timeout=10, fail=True)
-            command = json.loads(message.body)
-            assert (command["method"], command["params"]) == (
-                "SetStatus",
-                {"status": "maintenance"},
-            )
+            message = await _next_message(queue)
+            body = json.loads(message.body)
+            assert body["method"] == "SetStatus" and body["params"] == {"status": "maintenance"}
+            assert message.correlation_id == body["id"]  # a tracked command, with its id
             await message.ack()
+
+
+async def _next_message(queue: Any) -> Any:
+    """The next message of a queue (commands are published once the queue is found)."""
+    for _ in range(200):
+        message = await queue.get(fail=False)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.05)
+    raise AssertionError("no command arrived")

@@ -166,14 +166,6 @@ async def test_a_known_devices_bad_message_is_refused_once_and_its_good_ones_sto
     assert ready == 0
 
 
-async def _get_one(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:
-    while True:
-        message = await queue.get(fail=False, no_ack=True)
-        if message is not None:
-            return message
-        await asyncio.sleep(0.05)
-
-
 async def test_broker_unreachable_at_start_reports_down_then_connects(
     tmp_path: Path, pg_url: str, clean_broker: str
 ) -> None:

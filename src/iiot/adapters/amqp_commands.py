@@ -37,6 +37,7 @@ from iiot.bus import LiveEvent, RecordEvent
 from iiot.errors import IIoTError
 from iiot.links import DeliveryFailed, OutboundCommand
 from iiot.services import Services
+from iiot.storage._common import now_ms
 from iiot.supervisor import cancel_and_wait, supervise
 
 __all__ = ["REPLY_BINDING", "REPLY_QUEUE", "AmqpCommandChannel", "AmqpLink"]
@@ -104,6 +105,8 @@ class AmqpCommandChannel:
         self._links: dict[UUID, AmqpLink] = {}
         self._probing: set[UUID] = set()
         self._unroutable: dict[UUID, float] = {}  # device -> when its queue was missing
+        self._connected = asyncio.Event()  # set on each (re)connection: probe at once
+        self._prober: asyncio.Task[None] | None = None
 
     def describe(self) -> str:
         """One line for the start-up log."""
@@ -113,6 +116,7 @@ class AmqpCommandChannel:
     async def __aenter__(self) -> Self:
         self._queue = self._services.bus.subscribe()
         self._events = asyncio.create_task(self._watch_queued(), name="amqp-commands-events")
+        self._prober = asyncio.create_task(self._probe_queued(), name="amqp-commands-probe")
         self._task = asyncio.create_task(
             supervise("AMQP commands", self._serve, log), name="amqp-commands"
         )
@@ -122,6 +126,7 @@ class AmqpCommandChannel:
         if self._queue is not None:
             self._services.bus.unsubscribe(self._queue)
         await cancel_and_wait(self._events)
+        await cancel_and_wait(self._prober)
         await cancel_and_wait(self._task)
         for device_id, link in list(self._links.items()):
             self.drop_link(device_id, link)
@@ -140,6 +145,7 @@ class AmqpCommandChannel:
             await replies.bind(exchange, REPLY_BINDING)
             await replies.consume(self._on_reply)
             self._exchange = commands
+            self._connected.set()
             connected()
             closed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
@@ -179,23 +185,43 @@ class AmqpCommandChannel:
             event = await self._queue.get()
             if not isinstance(event, RecordEvent) or event.topic != "command":
                 continue
-            device_id = event.device_id
-            if event.kind != "QUEUED" or device_id is None:
-                continue
-            if self._services.links.connected(device_id) or device_id in self._probing:
-                continue
-            missing_since = self._unroutable.get(device_id)
-            if missing_since is not None:
-                if asyncio.get_running_loop().time() - missing_since < _REPROBE_S:
-                    continue
-                del self._unroutable[device_id]
-            self._probing.add(device_id)
-            try:
-                await self._attach(device_id)
-            except IIoTError as exc:
-                log.debug("no AMQP link for %s: %s", device_id, exc)
-            finally:
-                self._probing.discard(device_id)
+            if event.kind == "QUEUED" and event.device_id is not None:
+                await self._probe(event.device_id)
+
+    async def _probe(self, device_id: UUID) -> None:
+        """Attach a link to try the device's queue, unless it was missing a moment ago."""
+        if self._services.links.connected(device_id) or device_id in self._probing:
+            return
+        missing_since = self._unroutable.get(device_id)
+        if missing_since is not None:
+            if asyncio.get_running_loop().time() - missing_since < _REPROBE_S:
+                return
+            del self._unroutable[device_id]
+        self._probing.add(device_id)
+        try:
+            await self._attach(device_id)
+        except IIoTError as exc:
+            log.debug("no AMQP link for %s: %s", device_id, exc)
+        finally:
+            self._probing.discard(device_id)
+
+    async def _probe_queued(self) -> None:
+        """Now and then (and on connecting): try the queues of devices with QUEUED commands
+        (events missed while RabbitMQ was unreachable, queues bound since)."""
+        while True:
+            if self._exchange is not None:
+                try:
+                    devices = await self._services.store.control.queued_devices(
+                        None, now_ms(), 10_000
+                    )
+                except IIoTError as exc:
+                    log.debug("AMQP commands: cannot list queued commands: %s", exc)
+                    devices = []
+                for device_id in devices:
+                    await self._probe(device_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), _REPROBE_S)
+            self._connected.clear()
 
     # --- publishing ------------------------------------------------------------------------
     async def publish_command(self, device_id: UUID, command: OutboundCommand) -> None:

@@ -56,6 +56,7 @@ class MqttExternalLink:
     """A device reached through the external broker: publish, never a proof of delivery."""
 
     protocol = "mqtt-external"
+    confirms_delivery = False  # other links of the device are preferred
     listens_commands = True
     listens_attributes = False  # shared changes are published by the channel itself
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import Any, Self
 from uuid import UUID
 
@@ -234,11 +235,11 @@ class CommandService:
             self._pending_flush.discard(device_id)
             failed: set[int] = set()
             while True:
-                links = [
+                links = _by_preference(
                     link
                     for link in self._links.links(device_id)
                     if link.listens_commands and id(link) not in failed
-                ]
+                )
                 if not links:
                     break
                 queued = await self._store.control.queued_commands(None, device_id, _BATCH)
@@ -270,7 +271,7 @@ class CommandService:
             await self._move(command, "EXPIRED", EXPIRABLE)
             return True
         sent = await self._move(
-            command, "SENT", CLAIMABLE, deadline=now + command.timeout_ms, count_attempt=True
+            command, "SENT", CLAIMABLE, deadline=now + command.timeout_ms, add_attempts=1
         )
         if sent is None:
             return True  # another process (or a cancel) took it first
@@ -279,11 +280,16 @@ class CommandService:
             confirmed = await link.deliver_command(outbound)
         except DeliveryFailed as exc:
             log.info("command %s not delivered over %s: %s", sent.id, link.protocol, exc)
-            await self._move(sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}")
+            # The device never had it: the attempt does not count against its retries.
+            await self._move(
+                sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
+            )
             return False
         except Exception as exc:  # a broken adapter must not lose the command
             log.exception("link %s failed delivering command %s", link.protocol, sent.id)
-            await self._move(sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}")
+            await self._move(
+                sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
+            )
             return False
         if confirmed:
             deadline = None if sent.oneway else now_ms() + sent.timeout_ms
@@ -319,6 +325,8 @@ class CommandService:
         """Expire, time out and re-queue the commands whose time has come."""
         now = now_ms()
         for command in await self._store.control.due_commands(None, now, 1000):
+            if command.final:
+                continue
             if command.expires_at <= now:
                 await self._move(command, "EXPIRED", EXPIRABLE, error="expired before an answer")
             elif command.status == "TIMEOUT":
@@ -358,7 +366,7 @@ class CommandService:
         deadline: int | None = None,
         response: Any = UNSET,
         error: str | None = None,
-        count_attempt: bool = False,
+        add_attempts: int = 0,
     ) -> Command | None:
         moved = await self._store.control.transition_command(
             None,
@@ -369,7 +377,7 @@ class CommandService:
             deadline=deadline,
             response=response,
             error=error,
-            count_attempt=count_attempt,
+            add_attempts=add_attempts,
         )
         if moved is not None:
             self._announce(moved)
@@ -410,6 +418,15 @@ class CommandService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("command task failed: %s", task.exception())
+
+
+def _by_preference(links: Iterable[DeviceLink]) -> list[DeviceLink]:
+    """Links that can prove delivery first (an external broker cannot), newest first: the
+    device's latest connection is the one most likely alive."""
+    ordered = list(links)
+    ordered.reverse()
+    ordered.sort(key=lambda link: not getattr(link, "confirms_delivery", True))
+    return ordered
 
 
 class _Waiter:

@@ -156,7 +156,7 @@ class ControlStore(Protocol):
         deadline: int | None = None,
         response: Any = UNSET,
         error: str | None = None,
-        count_attempt: bool = False,
+        add_attempts: int = 0,
     ) -> Command | None:
         """Move a command to `to` only if its status is in `allowed_from` (one transaction
         with its transition row); None when it was not (someone else moved it first)."""

@@ -197,7 +197,7 @@ class PgControlStore:
         deadline: int | None = None,
         response: Any = UNSET,
         error: str | None = None,
-        count_attempt: bool = False,
+        add_attempts: int = 0,
     ) -> Command | None:
         """Conditional move with its transition row, in one statement."""
 
@@ -214,7 +214,7 @@ class PgControlStore:
                 response is not UNSET,
                 None if response is UNSET else json.dumps(response),
                 error,
-                1 if count_attempt else 0,
+                add_attempts,
                 scope,
                 device_id,
             )
@@ -250,6 +250,7 @@ class PgControlStore:
                 f"SELECT {_COLS} FROM commands"
                 " WHERE status IN ('QUEUED', 'SENT', 'DELIVERED', 'TIMEOUT')"
                 " AND (deadline <= $1 OR expires_at <= $1)"
+                " AND NOT (status = 'DELIVERED' AND oneway)"  # final for one-way commands
                 " AND ($2::uuid IS NULL OR tenant_id = $2) ORDER BY created_at LIMIT $3",
                 now,
                 scope,

@@ -201,7 +201,7 @@ class SqliteControlStore:
         deadline: int | None = None,
         response: Any = UNSET,
         error: str | None = None,
-        count_attempt: bool = False,
+        add_attempts: int = 0,
     ) -> Command | None:
         """Conditional move with its transition row, in one transaction."""
 
@@ -222,7 +222,7 @@ class SqliteControlStore:
                         response is not UNSET,
                         None if response is UNSET else json.dumps(response),
                         error,
-                        1 if count_attempt else 0,
+                        add_attempts,
                         command_id.bytes,
                         *allowed_from,
                         _b(scope),
@@ -261,6 +261,7 @@ class SqliteControlStore:
         where = (
             "status IN ('QUEUED', 'SENT', 'DELIVERED', 'TIMEOUT')"
             " AND (deadline <= ? OR expires_at <= ?) AND (? IS NULL OR tenant_id = ?)"
+            " AND NOT (status = 'DELIVERED' AND oneway)"  # final for one-way commands
             " ORDER BY created_at LIMIT ?"
         )
         args = (now, now, _b(scope), _b(scope), limit)
