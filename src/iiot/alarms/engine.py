@@ -39,6 +39,8 @@ _DEVICE_PAGE = 1000
 # Rule changes arrive on the live bus; processes without a bridge between them (several
 # `--role all` on one database) still see them within this time.
 _RELOAD_S = 5.0
+# Devices of a type, for inactivity rules: listed again this often (and on device changes).
+_TARGETS_TTL_S = 10.0
 
 
 def _now_ms() -> int:
@@ -63,6 +65,7 @@ class AlarmEngine:
         self._states: dict[StateKey, RuleState] = {}
         self._updated: dict[StateKey, int] = {}  # last end_ts written per open alarm
         self._deferred: dict[StateKey, tuple[Rule, Device, Action]] = {}
+        self._type_targets: dict[UUID, tuple[float, list[Device]]] = {}
         self._started_ms = 0
         self._queue: asyncio.Queue[LiveEvent] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -113,6 +116,7 @@ class AlarmEngine:
             if new is None or old is None or old.updated_at != new.updated_at:
                 self._states.pop(key, None)  # deleted or replaced: it starts over
         self._rules = rules
+        self._type_targets.clear()
         for key in [k for k in self._deferred if k[0] not in rules]:
             del self._deferred[key]
         self._by_device = {}
@@ -158,9 +162,11 @@ class AlarmEngine:
                         await self._apply(*work)
         elif isinstance(event, RecordEvent) and event.topic == "rule":
             self._reload = True
-        elif isinstance(event, DeviceEvent) and event.kind == "deleted":
-            for key in [k for k in self._states if k[1] == event.device.id]:
-                self._states.pop(key, None)
+        elif isinstance(event, DeviceEvent):
+            self._type_targets.clear()  # a device was added, changed or removed
+            if event.kind == "deleted":
+                for key in [k for k in self._states if k[1] == event.device.id]:
+                    self._states.pop(key, None)
 
     def _evaluate(self, item: DevicePoints) -> list[_Work]:
         """Step every rule of the device (synchronously: the hot path); what needs I/O."""
@@ -291,6 +297,14 @@ class AlarmEngine:
         if rule.device_id is not None:
             device = await self._device(rule.device_id)
             return [] if device is None else [device]
+        cached = self._type_targets.get(rule.id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        found = await self._devices_of_type(rule)
+        self._type_targets[rule.id] = (time.monotonic() + _TARGETS_TTL_S, found)
+        return found
+
+    async def _devices_of_type(self, rule: Rule) -> list[Device]:
         found: list[Device] = []
         offset = 0
         store = self._services.store

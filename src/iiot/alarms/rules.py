@@ -12,6 +12,7 @@ seen leaves the state as it is, so replayed or late points cannot move it.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 from uuid import UUID
@@ -33,6 +34,7 @@ __all__ = [
 
 OPS = ("gt", "ge", "lt", "le", "eq", "ne")
 _ORDERING = ("gt", "ge", "lt", "le")
+_COMPARE = {"gt": operator.gt, "ge": operator.ge, "lt": operator.lt, "le": operator.le}
 MAX_FOR_S = 30 * 86_400
 _MAX_TEXT = 255
 _THRESHOLD_FIELDS = {"name", "kind", "target", "key", "severity", "create", "clear"}
@@ -152,17 +154,12 @@ def _number(value: Any) -> float | None:
 def matches(condition: dict[str, Any], value: Any) -> bool | None:
     """Whether the value meets the condition; None when they cannot be compared."""
     op, target = condition["op"], condition["value"]
-    if op in _ORDERING:
+    compare = _COMPARE.get(op)
+    if compare is not None:
+        if value.__class__ is float or value.__class__ is int:  # the usual case, fast
+            return bool(compare(value, target))
         number = _number(value)
-        if number is None:
-            return None
-        threshold = float(target)
-        return {
-            "gt": number > threshold,
-            "ge": number >= threshold,
-            "lt": number < threshold,
-            "le": number <= threshold,
-        }[op]
+        return None if number is None else bool(compare(number, float(target)))
     # eq / ne: numbers compare as numbers, booleans and strings only with their own kind.
     if _number(target) is not None:
         number = _number(value)
