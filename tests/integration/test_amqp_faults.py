@@ -61,7 +61,7 @@ async def test_broker_outage_mid_run_loses_nothing_and_consumer_returns(
         env = platform_env(
             tmp_path,
             IIOT_DATABASE_URL=pg_url,
-            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path or '/'}",
         )
         async with running_platform(env) as platform:
             adapter = _adapter(platform)
@@ -94,7 +94,7 @@ async def test_repeated_connection_cuts_never_leave_the_queue_without_consumer(
         env = platform_env(
             tmp_path,
             IIOT_DATABASE_URL=pg_url,
-            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path or '/'}",
         )
         async with running_platform(env) as platform:
             adapter = _adapter(platform)
@@ -115,6 +115,7 @@ async def test_rabbitmqctl_close_all_connections_mid_run(
     tmp_path: Path, pg_url: str, clean_broker: str
 ) -> None:
     devices = await make_devices(pg_url, 100)
+    vhost = urlsplit(clean_broker).path[1:] or "/"
     env = platform_env(tmp_path, IIOT_DATABASE_URL=pg_url, IIOT_AMQP_URL=clean_broker)
     async with running_platform(env) as platform:
         adapter = _adapter(platform)
@@ -126,7 +127,8 @@ async def test_rabbitmqctl_close_all_connections_mid_run(
         await wait_points(pg_url, 6_000, 60)
         done = await asyncio.to_thread(
             subprocess.run,
-            ["rabbitmqctl", "close_all_connections", "iiot fault test"],
+            # -p: the test's own virtual host (rabbitmqctl's default is "/").
+            ["rabbitmqctl", "close_all_connections", "-p", vhost, "iiot fault test"],
             capture_output=True,
             timeout=60,
         )

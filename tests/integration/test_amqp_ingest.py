@@ -203,7 +203,7 @@ async def test_broker_unreachable_at_start_reports_down_then_connects(
     parts = urlsplit(clean_broker)
     async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672) as proxy:
         proxy.refusing = True
-        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path or '/'}"
         async with running_platform(_env(tmp_path, pg_url, url)) as platform:
             health = platform.services.health.components["amqp"]
             assert health.state == "down"
