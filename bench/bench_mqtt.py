@@ -393,7 +393,7 @@ async def _naive(db_url: str, broker: _Mosquitto, messages: int, *, drain: bool)
 
 async def _run(quick: bool) -> dict[str, Any]:
     messages = 6_000 if quick else 40_000
-    drain_messages = 20_000 if quick else 100_000
+    drain_messages = 20_000 if quick else 60_000
     naive_messages = 1_000 if quick else 3_000
     workdir = Path(tempfile.mkdtemp(prefix="iiot-bench-mqtt-"))
     broker = _Mosquitto(workdir)
