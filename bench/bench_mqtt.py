@@ -47,7 +47,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.figures import throughput
 from bench.pg import temporary_database
-from bench.profiles import PROFILE_LABELS, drain_rate, platform_ports, worker_group
+from bench.profiles import (
+    PROFILE_LABELS,
+    die_with_parent,
+    drain_rate,
+    platform_ports,
+    worker_group,
+)
 
 DEVICES = 1000
 BASE_TS = 1_767_225_600_000
@@ -137,7 +143,10 @@ class _Mosquitto:
             "max_queued_messages 0\nmax_inflight_messages 0\npersistence false\n"
         )
         self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            ["mosquitto", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
