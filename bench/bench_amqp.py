@@ -351,7 +351,7 @@ async def _bare(messages: int, prefetch: int) -> float:
 
 
 async def _run(quick: bool) -> dict[str, Any]:
-    messages = 20_000 if quick else 60_000
+    messages = 20_000 if quick else 40_000
     naive_messages = 1_000 if quick else 3_000
     points = 3 * messages
     name = f"iiot_bench_amqp_{os.getpid()}"

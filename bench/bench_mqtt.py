@@ -47,7 +47,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.figures import throughput
 from bench.pg import temporary_database
-from bench.profiles import PROFILE_LABELS, drain_rate, platform_ports, worker_group
+from bench.profiles import (
+    PROFILE_LABELS,
+    die_with_parent,
+    drain_rate,
+    platform_ports,
+    worker_group,
+)
 
 DEVICES = 1000
 BASE_TS = 1_767_225_600_000
@@ -137,7 +143,10 @@ class _Mosquitto:
             "max_queued_messages 0\nmax_inflight_messages 0\npersistence false\n"
         )
         self.proc = subprocess.Popen(
-            ["mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            ["mosquitto", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -393,7 +402,7 @@ async def _naive(db_url: str, broker: _Mosquitto, messages: int, *, drain: bool)
 
 async def _run(quick: bool) -> dict[str, Any]:
     messages = 6_000 if quick else 40_000
-    drain_messages = 20_000 if quick else 100_000
+    drain_messages = 20_000 if quick else 60_000
     naive_messages = 1_000 if quick else 3_000
     workdir = Path(tempfile.mkdtemp(prefix="iiot-bench-mqtt-"))
     broker = _Mosquitto(workdir)

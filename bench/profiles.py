@@ -20,7 +20,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PROFILES", "drain_rate", "free_port", "platform_ports", "worker_group"]
+__all__ = [
+    "PROFILES",
+    "die_with_parent",
+    "drain_rate",
+    "free_port",
+    "platform_ports",
+    "worker_group",
+]
 
 PROFILES = ("defaults", "opcua_off")
 PROFILE_LABELS = {"defaults": "defaults (every protocol on)", "opcua_off": "OPC UA off"}
@@ -47,6 +54,15 @@ def platform_ports(profile: str = "defaults") -> dict[str, str]:
     elif profile != "defaults":
         raise ValueError(f"unknown profile {profile!r}")
     return env
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` of a benchmark's child processes: SIGTERM when the benchmark dies
+    (run_all kills a module that overruns), so no broker or worker outlives it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _ready(port: int) -> bool:
@@ -86,6 +102,7 @@ def worker_group(
                         env=child_env,
                         stdout=out,
                         stderr=subprocess.STDOUT,
+                        preexec_fn=die_with_parent,
                     )
                 )
         deadline = time.monotonic() + 120

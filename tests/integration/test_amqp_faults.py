@@ -115,6 +115,7 @@ async def test_rabbitmqctl_close_all_connections_mid_run(
     tmp_path: Path, pg_url: str, clean_broker: str
 ) -> None:
     devices = await make_devices(pg_url, 100)
+    vhost = urlsplit(clean_broker).path[1:] or "/"
     env = platform_env(tmp_path, IIOT_DATABASE_URL=pg_url, IIOT_AMQP_URL=clean_broker)
     async with running_platform(env) as platform:
         adapter = _adapter(platform)
@@ -126,7 +127,8 @@ async def test_rabbitmqctl_close_all_connections_mid_run(
         await wait_points(pg_url, 6_000, 60)
         done = await asyncio.to_thread(
             subprocess.run,
-            ["rabbitmqctl", "close_all_connections", "iiot fault test"],
+            # -p: the test's own virtual host (rabbitmqctl's default is "/").
+            ["rabbitmqctl", "close_all_connections", "-p", vhost, "iiot fault test"],
             capture_output=True,
             timeout=60,
         )
