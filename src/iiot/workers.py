@@ -8,9 +8,11 @@ Ingest workers (PostgreSQL only) share the load of every protocol, each worker k
 number through `IIOT_WORKER_INDEX`: CoAP binds the same UDP port (SO_REUSEPORT, see
 `iiot.listen`); an external MQTT broker is read through a shared subscription
 (`IIOT_MQTT_SHARED_GROUP`, `iiot` unless set; one persistent session per worker); AMQP
-workers are competing consumers of the one `telemetry` queue. The OPC UA server and the
-embedded MQTT broker keep state of their own and run in worker 1 only; the live bridge
-(PostgreSQL NOTIFY) brings every worker's values to worker 1's OPC UA address space.
+workers are competing consumers of the one `telemetry` queue. The platform's own MQTT
+endpoint listens in every worker on the same port (SO_REUSEPORT): its persistent sessions
+are in the database, and commands reach whichever worker holds a device's connection
+through the live bridge. The OPC UA server keeps an address space of its own and runs in
+worker 1 only; the live bridge (PostgreSQL NOTIFY) brings every worker's values to it.
 
 The first worker starts alone (it creates the schema and the first administrator);
 the others follow once it listens. SIGTERM/SIGINT stop every worker gracefully. If a
@@ -72,8 +74,6 @@ def worker_env(settings: Settings, role: str, index: int) -> dict[str, str]:
         env["IIOT_MQTT_SHARED_GROUP"] = "iiot"
     if index > 1:
         env["IIOT_OPCUA_PORT"] = "0"  # one address space per host, fed by the live bridge
-        if not settings.mqtt_url:
-            env["IIOT_MQTT_PORT"] = "0"  # the embedded broker's sessions live in one process
     return env
 
 

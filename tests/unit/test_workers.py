@@ -32,8 +32,9 @@ def test_a_configured_shared_group_is_kept_and_the_embedded_broker_runs_once(
     monkeypatch.setenv("IIOT_MQTT_SHARED_GROUP", "plant")
     settings = load_settings({"IIOT_DATABASE_URL": PG, "IIOT_MQTT_SHARED_GROUP": "plant"})
     assert worker_env(settings, "ingest", 2)["IIOT_MQTT_SHARED_GROUP"] == "plant"
+    # The embedded MQTT endpoint listens in every worker (one port, SO_REUSEPORT).
     assert worker_env(settings, "ingest", 1).get("IIOT_MQTT_PORT") != "0"
-    assert worker_env(settings, "ingest", 2)["IIOT_MQTT_PORT"] == "0"
+    assert worker_env(settings, "ingest", 2).get("IIOT_MQTT_PORT") != "0"
     assert "IIOT_WORKER_INDEX" not in worker_env(settings, "api", 2)
 
 
