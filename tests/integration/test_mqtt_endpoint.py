@@ -376,10 +376,11 @@ async def test_qos0_subscription_delivers_without_confirmation(tmp_path, port):
         assert publish.qos == 0 and json.loads(publish.payload)["method"] == "ping"
 
 
-async def test_persistent_session_keeps_subscriptions(tmp_path, port):
-    async with running_platform(platform_env(tmp_path, IIOT_MQTT_PORT=str(port))) as platform:
+async def test_persistent_session_keeps_subscriptions_across_a_restart(tmp_path, port):
+    env = platform_env(tmp_path, IIOT_MQTT_PORT=str(port))
+    props = {mc.SESSION_EXPIRY: 3600}
+    async with running_platform(env) as platform:
         [dev] = await create_devices(platform, 1)
-        props = {mc.SESSION_EXPIRY: 3600}
         client = await Raw.open(port)
         ack = await client.connect(
             dev.token, client_id="keeper", clean_start=False, properties=props
@@ -389,6 +390,7 @@ async def test_persistent_session_keeps_subscriptions(tmp_path, port):
         await client.next()
         client.send(mc.encode_disconnect(mc.V5))
         await client.closed()
+    async with running_platform(env) as platform:  # the sessions are in the database
         client = await Raw.open(port)
         ack = await client.connect(
             dev.token, client_id="keeper", clean_start=False, properties=props
@@ -397,8 +399,14 @@ async def test_persistent_session_keeps_subscriptions(tmp_path, port):
         [link] = platform.services.links.links(UUID(dev.id))
         assert link.listens_commands
         client.close()
-        # A clean session starts empty.
+        await client.closed()
+        # A clean session starts empty, and so does the next persistent one.
         client = await Raw.open(port)
         ack = await client.connect(dev.token, client_id="keeper")
         assert not ack.session_present
         client.close()
+        for _ in range(100):
+            if await platform.services.store.get_mqtt_session(None, "keeper") is None:
+                break
+            await asyncio.sleep(0.02)
+        assert await platform.services.store.get_mqtt_session(None, "keeper") is None

@@ -261,7 +261,7 @@ class MqttConnection(asyncio.Protocol):
                 self.subscriptions.update(saved)
                 present = True
         else:
-            await server.sessions.drop(self.client_id)
+            server.track(server.sessions.drop(self.client_id, device))  # not awaited: CONNACK first
         if self.closed:
             return
         props: mc.Properties = {}

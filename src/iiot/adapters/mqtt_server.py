@@ -123,6 +123,8 @@ class MqttServer:
         for conn in list(self.connections):
             conn.close(0x8B)  # server shutting down
         tasks = [task for conn in list(self.connections) for task in conn.cancel_tasks()]
+        if self._tasks:  # session saves and wills: short writes, let them finish
+            await asyncio.wait(list(self._tasks), timeout=5)
         tasks += list(self._tasks)
         for task in self._tasks:
             task.cancel()
@@ -207,7 +209,7 @@ class MqttServer:
         if conn.device is not None and conn.will is not None and not self._closing:
             self._publish_will(conn)
         if conn.device is not None and conn.persistent and not self._closing:
-            self._track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
+            self.track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
         self._forget(conn)
 
     def _forget(self, conn: MqttConnection) -> None:
@@ -227,9 +229,9 @@ class MqttServer:
             self.forbidden(conn, "forbidden_topic", f"will topic {will.topic!r} refused")
             return
         if found.action == "telemetry":
-            self._track(self._ingest_will(device, will.payload))
+            self.track(self._ingest_will(device, will.payload))
         else:
-            self._track(self.actions.run(conn, found, will.payload))
+            self.track(self.actions.run(conn, found, will.payload))
 
     async def _ingest_will(self, device: Device, body: bytes) -> None:
         try:
@@ -246,7 +248,7 @@ class MqttServer:
         for name, child in self._children(conn).items():
             self._update_link(conn, child, name)
         if conn.persistent:
-            self._track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
+            self.track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
 
     def _update_link(self, conn: MqttConnection, device: Device, child: str | None) -> None:
         key = (conn, child)
@@ -310,7 +312,8 @@ class MqttServer:
         who = f"device {conn.device.id}" if conn.device is not None else conn.client_id
         self.refusals.note(reason, f"{who} {message}")
 
-    def _track(self, coro: Any) -> None:
+    def track(self, coro: Any) -> None:
+        """Run a coroutine in the background, cancelled when the endpoint stops."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

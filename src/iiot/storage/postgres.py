@@ -23,6 +23,9 @@ from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common, pg_latest
 from iiot.storage.base import Page, Scope
+
+# Helpers that moved with the telemetry code, still at hand for the methods here.
+from iiot.storage.postgres_mqtt_sessions import PostgresMqttSessions
 from iiot.storage.postgres_pool import (
     _RETRY_ONCE,
     _TRANSIENT,
@@ -30,8 +33,6 @@ from iiot.storage.postgres_pool import (
     _describe,
     _reset_connection,
 )
-
-# Helpers that moved with the telemetry code, still at hand for the methods here.
 from iiot.storage.postgres_telemetry import (  # noqa: F401
     _VALUE_COLS,
     PG_CURRENT_LATEST,
@@ -74,7 +75,7 @@ def _device(row: Any) -> Device:
     return Device(row["id"], row["tenant_id"], row["name"], row["status"], row["created_at"])
 
 
-class PostgresStore(PostgresTelemetry):
+class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
     """The `Store` on PostgreSQL (asyncpg pool); reusable, not reentrant."""
 
     def __init__(

@@ -23,6 +23,7 @@ from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common
 from iiot.storage.base import Page, Scope
+from iiot.storage.sqlite_mqtt_sessions import SqliteMqttSessions
 
 # Helpers that moved with the telemetry code, still at hand for the methods here.
 from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction  # noqa: F401
@@ -95,7 +96,7 @@ def _split_statements(script: str) -> list[str]:
     return statements
 
 
-class SqliteStore(SqliteTelemetry):
+class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
     """The `Store` on an SQLite file; reusable, not reentrant."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
