@@ -203,6 +203,8 @@ class MqttConnection(asyncio.Protocol):
             return
         self.client_id = packet.client_id
         self._held = []
+        if self.transport is not None:  # nothing more is read until the login is decided
+            self.transport.pause_reading()
         task = asyncio.ensure_future(self._login(packet))
         self._track(task)
 
@@ -290,6 +292,8 @@ class MqttConnection(asyncio.Protocol):
             if self.closed:
                 return
             self._handle(queued)
+        if self.transport is not None and not self._reading_paused and not self.closed:
+            self.transport.resume_reading()
 
     def _connack(
         self, code: int, present: bool = False, props: mc.Properties | None = None
