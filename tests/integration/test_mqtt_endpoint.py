@@ -410,3 +410,51 @@ async def test_persistent_session_keeps_subscriptions_across_a_restart(tmp_path,
                 break
             await asyncio.sleep(0.02)
         assert await platform.services.store.get_mqtt_session(None, "keeper") is None
+
+
+async def test_gateway_children_get_commands_and_attributes_through_the_gateway(tmp_path, port):
+    from tests.integration.test_mqtt_thingsboard import _gateway
+
+    async with running_platform(platform_env(tmp_path, IIOT_MQTT_PORT=str(port))) as platform:
+        services = platform.services
+        inbox = FakeInbox()
+        services.inbox = inbox
+        tenant_id, _gateway_id, token = await _gateway(platform)
+        client = await Raw.open(port)
+        await client.connect(token)
+        client.send(
+            mc.encode_subscribe(mc.V5, 1, [("v1/gateway/rpc", 1), ("v1/gateway/attributes", 1)])
+        )
+        assert await client.next() == mc.SubAck(1, [1, 1])
+        client.send(mc.encode_publish(mc.V5, "v1/gateway/connect", b'{"device":"Pump 1"}', 1, 2))
+        assert await client.next() == mc.PubAck(2, 0)
+        devices = (await services.store.list_devices(tenant_id, 10, 0)).items
+        child = next(d for d in devices if d.name == "Pump 1")
+        [link] = services.links.links(child.id)
+        command = OutboundCommand(uuid4(), "start", {"speed": 3})
+        delivery = asyncio.ensure_future(link.deliver_command(command))
+        publish = await client.next()
+        assert publish.topic == "v1/gateway/rpc"
+        body = json.loads(publish.payload)
+        assert body["device"] == "Pump 1"
+        assert body["data"]["method"] == "start" and body["data"]["params"] == {"speed": 3}
+        client.send(mc.encode_puback(mc.V5, publish.packet_id))
+        assert await delivery is True
+        reply = {"device": "Pump 1", "id": body["data"]["id"], "data": {"success": True}}
+        client.send(mc.encode_publish(mc.V5, "v1/gateway/rpc", json.dumps(reply).encode(), 1, 3))
+        assert await client.next() == mc.PubAck(3, 0)
+        assert inbox.replies == [(child.id, command.id, {"success": True})]
+        delivered = asyncio.ensure_future(link.deliver_attributes({"limit": 5}, []))
+        update = await client.next()
+        assert update.topic == "v1/gateway/attributes"
+        assert json.loads(update.payload) == {"device": "Pump 1", "data": {"limit": 5}}
+        client.send(mc.encode_puback(mc.V5, update.packet_id))
+        await delivered
+        attrs = b'{"Pump 1": {"firmware": "2.0"}}'
+        client.send(mc.encode_publish(mc.V5, "v1/gateway/attributes", attrs, 1, 4))
+        assert await client.next() == mc.PubAck(4, 0)
+        assert inbox.attributes == [(child.id, {"firmware": "2.0"})]
+        client.send(mc.encode_publish(mc.V5, "v1/gateway/disconnect", b'{"device":"Pump 1"}', 1, 5))
+        assert await client.next() == mc.PubAck(5, 0)
+        assert services.links.links(child.id) == []
+        client.close()
