@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	@test -e /usr/include/amqp.h || { apt-get update -qq && apt-get install -y -qq librabbitmq-dev gcc >/dev/null; }
 	$(BIN)/python -m bench.run_all
 
 clean:

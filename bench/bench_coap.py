@@ -1,5 +1,6 @@
 """CoAP ingestion throughput: the platform's `POST /api/v1/{token}/telemetry` (answered once the
 points are committed to SQLite) beside a bare aiocoap server that answers 2.04 doing no work.
+The platform runs in its default configuration (every protocol on, SQLite).
 
 Both servers run in their own process and get the same load: concurrent aiocoap client
 contexts (aiocoap allows one confirmable exchange per peer at a time), each posting
@@ -28,6 +29,7 @@ from aiocoap.numbers.codes import Code
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.profiles import platform_ports  # noqa: E402
 from tests.support import free_port, platform_env, platform_process, running_platform  # noqa: E402
 
 CLIENTS = 16
@@ -102,7 +104,13 @@ async def _run(total: int) -> dict[str, Any]:
         env = platform_env(Path(data), IIOT_LOG_LEVEL="ERROR")
         token = await _create_device(env)
         coap_port, http_port = free_port(socket.SOCK_DGRAM), free_port()
-        served = {**env, "IIOT_COAP_PORT": str(coap_port), "IIOT_HTTP_PORT": str(http_port)}
+        # `iiot run` as users run it: every protocol on (each on a free port), SQLite.
+        served = {
+            **env,
+            **platform_ports("defaults"),
+            "IIOT_COAP_PORT": str(coap_port),
+            "IIOT_HTTP_PORT": str(http_port),
+        }
         with platform_process(served):
             uri = f"coap://127.0.0.1:{coap_port}/api/v1/{token}/telemetry"
             await _load(uri, min(200, total))  # warm-up: caches, SQLite pages

@@ -16,18 +16,28 @@ from contextlib import AsyncExitStack
 from typing import Literal, Self
 
 from iiot.adapters.base import Component
-from iiot.bus import CommandRouter, LiveBus
+from iiot.alarms.service import AlarmService
+from iiot.bus import LiveBus
 from iiot.codec import Limits
 from iiot.config import Settings
+from iiot.control.attributes import AttributeService
+from iiot.control.commands import CommandService
+from iiot.control.inbox import ControlInbox
+from iiot.device_identity import DeviceIdentity
 from iiot.errors import Conflict
+from iiot.filemodes import secure_data_dir
 from iiot.ingest import Ingestor
+from iiot.links import DeviceLinks
 from iiot.metrics import Metrics
 from iiot.model import Role
 from iiot.pipeline import Pipeline, PipelineSettings
+from iiot.presence import Presence
+from iiot.presence_tracker import PresenceTracker
 from iiot.registry import DeviceRegistry
 from iiot.security import hash_password
 from iiot.services import HealthBoard, Services
 from iiot.storage import open_store
+from iiot.storage.alarm_base import alarm_store_for
 from iiot.storage.base import Store
 
 __all__ = ["Platform", "RunRole", "build_components", "run_platform"]
@@ -41,7 +51,8 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
     """The enabled components for a role, in start order (HTTP last, so it stops first)."""
     settings = services.settings
     health = services.health
-    components: list[Component] = []
+    # Presence first: it stops last, after every adapter has closed its devices' links.
+    components: list[Component] = [PresenceTracker(services)]
     if role in ("all", "ingest"):
         if settings.opcua_port:
             from iiot.adapters.opcua import OpcUaServer
@@ -59,6 +70,12 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
             from iiot.adapters.mqtt import MqttAdapter
 
             components.append(MqttAdapter(services))
+            from iiot.adapters.mqtt_commands import MqttCommandChannel
+
+            components.append(MqttCommandChannel(services))
+            from iiot.adapters.mqtt_broker_stats import BrokerStats
+
+            components.append(BrokerStats(services))
         elif settings.mqtt_port:
             from iiot.adapters.mqtt_server import MqttServer
 
@@ -69,9 +86,20 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
             from iiot.adapters.amqp import AmqpAdapter
 
             components.append(AmqpAdapter(services))
+            from iiot.adapters.amqp_commands import AmqpCommandChannel
+
+            components.append(AmqpCommandChannel(services))
         else:
             health.set("amqp", "off", "IIOT_AMQP_URL unset")
             log.info("AMQP ingestion off (IIOT_AMQP_URL unset)")
+    if role in ("all", "ingest") and services.alarms is not None:
+        from iiot.alarms.components import alarm_components
+
+        components += alarm_components(services)
+    if services.alarms is not None:
+        from iiot.alarms.webhooks import WebhookSender
+
+        components.append(WebhookSender(services))
     if role in ("all", "ingest"):
         from iiot.retention import RetentionJob
 
@@ -80,6 +108,10 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
         from iiot.livebridge import LiveBridge
 
         components.append(LiveBridge(services))
+    from iiot.changefeed import ChangeFeed  # changes made by `iiot` commands meanwhile
+
+    if ChangeFeed.wanted(settings, role):
+        components.append(ChangeFeed(services))
     if role == "ingest" and settings.http_port:  # supervisors still need /healthz
         from iiot.ops_http import OpsHttpServer
 
@@ -111,9 +143,10 @@ class Platform:
     async def __aenter__(self) -> Self:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(settings.data_dir)
         try:
             store = await self._stack.enter_async_context(
-                open_store(settings.effective_database_url)
+                open_store(settings.effective_database_url, read_url=settings.database_read_url)
             )
             await ensure_admin(store, settings)
             bus = LiveBus()
@@ -133,11 +166,20 @@ class Platform:
                     ),
                 )
             )
+            presence = Presence()
             ingestor = Ingestor(
                 registry,
                 pipeline,
                 metrics,
                 Limits(settings.max_message_bytes, settings.max_points_per_message),
+                presence,
+            )
+            links = DeviceLinks()
+            commands = await self._stack.enter_async_context(
+                CommandService(store, bus, links, metrics, distributed=self.role != "all")
+            )
+            attributes = await self._stack.enter_async_context(
+                AttributeService(store, bus, links)
             )
             self._services = Services(
                 settings=settings,
@@ -147,9 +189,15 @@ class Platform:
                 registry=registry,
                 pipeline=pipeline,
                 ingestor=ingestor,
-                commands=CommandRouter(),
+                commands=commands,
+                attributes=attributes,
                 health=HealthBoard(),
+                identity=DeviceIdentity(store, bus),
+                presence=presence,
+                links=links,
+                inbox=ControlInbox(commands, attributes),
             )
+            self._services.alarms = AlarmService(alarm_store_for(store), bus)
             for component in build_components(self._services, self.role):
                 await self._stack.enter_async_context(component)
                 self.components.append(component)
@@ -201,6 +249,7 @@ async def run_platform(settings: Settings, role: RunRole = "all") -> None:
             log.info("platform ready (role %s)", role)
             await stop.wait()
             log.info("stopping")
+        log.info("stopped")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):

@@ -79,6 +79,11 @@ _TABLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("status", "text"),
             ("token_hash", "text"),
             ("created_at", "int"),
+            ("type", "text"),
+            ("gateway_id", "uuid"),
+            ("last_seen", "int"),
+            ("connected", "bool"),
+            ("cert_fingerprint", "text"),
         ),
     ),
     *(
@@ -168,6 +173,15 @@ class Manifest:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BackupError(f"the backup's manifest is damaged: {exc}") from None
+
+
+def _telemetry_rows(columns: tuple[tuple[str, str], ...]) -> str:
+    """The telemetry to back up: every point but those of deleted devices still being purged."""
+    names = ", ".join(c for c, _ in columns)
+    return (
+        f"SELECT {names} FROM telemetry t WHERE NOT EXISTS"
+        " (SELECT 1 FROM telemetry_purges p WHERE p.device_id = t.device_id)"
+    )
 
 
 # --- COPY text format ------------------------------------------------------------------
@@ -339,6 +353,11 @@ async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
                         status = await conn.copy_from_query(
                             PG_CURRENT_LATEST, output=out, format="text"
                         )
+                    elif name == "telemetry":
+                        # Partitioned (migration 0008): COPY reads it through a query.
+                        status = await conn.copy_from_query(
+                            _telemetry_rows(columns), output=out, format="text"
+                        )
                     else:
                         status = await conn.copy_from_table(
                             name, output=out, columns=[c for c, _ in columns], format="text"
@@ -403,7 +422,12 @@ def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
             with gzip.open(
                 folder / f"{name}.tsv.gz", "wt", compresslevel=1, encoding="utf-8", newline="\n"
             ) as out:
-                for row in snapshot.execute(f"SELECT {names} FROM {name}"):
+                select = (
+                    _telemetry_rows(columns)
+                    if name == "telemetry"
+                    else f"SELECT {names} FROM {name}"
+                )
+                for row in snapshot.execute(select):
                     out.write("\t".join(map(_encode, row, kinds)) + "\n")
                     rows += 1
             counts[name] = rows
@@ -544,7 +568,11 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
                 _refuse_non_empty(counts, where)
             else:
                 await lock_out_writers(conn)  # a running platform must recheck its devices
-                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)}")
+                # CASCADE: tables outside the backup that refer to these (alarms, rules,
+                # webhooks, commands) are emptied with them, as a restore into a new
+                # database would be.
+                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)} CASCADE")
+                await conn.execute("TRUNCATE telemetry_purges")  # nothing left to purge
             for name, _ in _TABLES:
                 entry = manifest.tables.get(name)
                 if entry is None:
@@ -593,6 +621,7 @@ def _load_sqlite(db_path: Path, path: Path, manifest: Manifest, force: bool) -> 
             else:
                 for name, _ in reversed(_TABLES):
                     conn.execute(f"DELETE FROM {name}")
+                conn.execute("DELETE FROM telemetry_purges")  # nothing left to purge
             for name, _ in _TABLES:
                 entry = manifest.tables.get(name)
                 if entry is None:

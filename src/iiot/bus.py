@@ -1,4 +1,4 @@
-"""In-process live bus: committed telemetry, device and tenant changes, commands to devices.
+"""In-process live bus: committed telemetry, device and tenant changes, stored records.
 
 Subscribers get their own bounded queue; a subscriber that falls behind loses its oldest
 events (live values are a view; the database keeps every point), never slowing ingestion.
@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from uuid import UUID
 
 from iiot.model import Device, DevicePoints, Tenant
 
 __all__ = [
-    "CommandRouter",
-    "CommandTransport",
     "DeviceEvent",
     "LiveBus",
     "LiveEvent",
@@ -26,8 +23,6 @@ __all__ = [
     "TelemetryEvent",
     "TenantEvent",
 ]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +69,72 @@ class RecordEvent:
 LiveEvent = TelemetryEvent | DeviceEvent | TenantEvent | RecordEvent
 
 
+# Bounds of what live views may hold (item: bounded bus events): a committed batch of up to
+# 5,000 points is published as events of at most this many points, and each subscriber
+# queue holds at most `max_points` points (the oldest events are dropped beyond).
+MAX_EVENT_POINTS = 500
+MAX_QUEUED_POINTS = 200_000
+
+
+def _points(event: LiveEvent) -> int:
+    if isinstance(event, TelemetryEvent):
+        return sum(len(item.points) for item in event.batch)
+    return 0
+
+
+class _EventQueue(asyncio.Queue[LiveEvent]):
+    """An event queue that knows how many points it holds."""
+
+    def __init__(self, maxsize: int, max_points: int) -> None:
+        super().__init__(maxsize)
+        self.points = 0
+        self.max_points = max_points
+
+    def _put(self, item: LiveEvent) -> None:
+        self.points += _points(item)
+        super()._put(item)
+
+    def _get(self) -> LiveEvent:
+        item: LiveEvent = super()._get()
+        self.points -= _points(item)
+        return item
+
+
 class LiveBus:
     """Fan-out of live events to any number of subscribers."""
 
     def __init__(self) -> None:
         self._queues: set[asyncio.Queue[LiveEvent]] = set()
 
-    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[LiveEvent]:
+    def subscribe(
+        self, maxsize: int = 10_000, max_points: int = MAX_QUEUED_POINTS
+    ) -> asyncio.Queue[LiveEvent]:
         """A new queue that receives every event published from now on."""
-        queue: asyncio.Queue[LiveEvent] = asyncio.Queue(maxsize)
+        queue: asyncio.Queue[LiveEvent] = _EventQueue(maxsize, max_points)
         self._queues.add(queue)
         return queue
+
+    def publish_points(self, items: Sequence[DevicePoints]) -> None:
+        """Publish committed points as events of at most `MAX_EVENT_POINTS` points each."""
+        chunk: list[DevicePoints] = []
+        size = 0
+        for item in items:
+            count = len(item.points)
+            if count > MAX_EVENT_POINTS:  # one message larger than an event: split it
+                if chunk:
+                    self.publish(TelemetryEvent(chunk))
+                    chunk, size = [], 0
+                for start in range(0, count, MAX_EVENT_POINTS):
+                    part = item.points[start : start + MAX_EVENT_POINTS]
+                    self.publish(TelemetryEvent((DevicePoints(item.device, part),)))
+                continue
+            if chunk and size + count > MAX_EVENT_POINTS:
+                self.publish(TelemetryEvent(chunk))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += count
+        if chunk:
+            self.publish(TelemetryEvent(chunk))
 
     def unsubscribe(self, queue: asyncio.Queue[LiveEvent]) -> None:
         """Stop delivering events to this queue."""
@@ -92,46 +142,12 @@ class LiveBus:
 
     def publish(self, event: LiveEvent) -> None:
         """Deliver an event to every subscriber without waiting."""
+        points = _points(event)
         for queue in self._queues:
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()  # drop the oldest: live views must not block ingest
+            if isinstance(queue, _EventQueue):
+                while queue.points and queue.points + points > queue.max_points:
+                    queue.get_nowait()  # the same, bounded in points
             queue.put_nowait(event)
-
-
-class CommandTransport(Protocol):
-    """Something that can deliver a command to a device (AMQP, MQTT...)."""
-
-    name: str
-
-    async def send_command(self, device: Device, command: dict[str, Any]) -> None:
-        """Deliver the command or raise."""
-        ...
-
-
-class CommandRouter:
-    """Sends commands to devices over every transport that is enabled."""
-
-    def __init__(self) -> None:
-        self._transports: list[CommandTransport] = []
-
-    def register(self, transport: CommandTransport) -> None:
-        """Add a transport (called by an adapter when it starts)."""
-        self._transports.append(transport)
-
-    def unregister(self, transport: CommandTransport) -> None:
-        """Remove a transport (called by an adapter when it stops)."""
-        if transport in self._transports:
-            self._transports.remove(transport)
-
-    async def send(self, device: Device, command: dict[str, Any]) -> list[str]:
-        """Send a command; returns the names of the transports that took it."""
-        delivered: list[str] = []
-        for transport in list(self._transports):
-            try:
-                await transport.send_command(device, command)
-            except Exception:  # one broken transport must not stop the others
-                log.exception("command to device %s over %s failed", device.id, transport.name)
-            else:
-                delivered.append(transport.name)
-        return delivered

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +22,22 @@ import orjson
 from iiot.errors import InvalidPayload, PayloadTooLarge
 from iiot.model import Point, Scalar
 
-__all__ = ["MAX_KEY_LENGTH", "MAX_TS", "Limits", "check_size", "parse_telemetry"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "MAX_TS",
+    "MIN_TS",
+    "Limits",
+    "check_size",
+    "check_text",
+    "parse_telemetry",
+]
 
 MAX_KEY_LENGTH = 255
 # Largest ts we accept: year 9999 in Unix ms (beyond that, clients are sending micro/nanoseconds).
 MAX_TS = 253_402_300_799_999
+# Smallest ts we accept: 2001-09-09 in Unix ms. Anything below can only be seconds (or
+# a clock that was never set); storing it as milliseconds would file it under 1970.
+MIN_TS = 1_000_000_000_000
 _INT64_LIMIT = 2.0**63  # orjson reads integer literals from here on as floats
 
 
@@ -67,6 +79,50 @@ def decode_json(body: bytes | str) -> Any:
         ) from None
     except RecursionError:
         raise InvalidPayload("invalid JSON: nested too deeply") from None
+    except ValueError as exc:
+        # e.g. an integer literal of thousands of digits (Python's conversion limit)
+        raise InvalidPayload(f"invalid JSON: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).split(";")[0].splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+# What PostgreSQL's text type refuses, and what no UTF-8 encoder can write: NUL and lone
+# surrogates (only reachable through JSON's \u escapes).
+_BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_text(points: list[Point]) -> None:
+    """Refuse keys and string values holding NUL or a lone surrogate (storage cannot hold them)."""
+    search = _BAD_TEXT.search
+    for point in points:
+        found = search(point.key)
+        if found is not None:
+            raise InvalidPayload(
+                f"key {_shown(point.key)} holds {_char_name(found.group())}: "
+                "keys and strings may not contain NUL or lone surrogates"
+            )
+        value = point.value
+        if type(value) is str:
+            found = search(value)
+            if found is not None:
+                raise InvalidPayload(
+                    f"value of key {_shown(point.key)} holds {_char_name(found.group())}: "
+                    "strings may not contain NUL or lone surrogates"
+                )
+
+
+def _char_name(char: str) -> str:
+    return (
+        "a NUL character (\\u0000)" if char == "\x00" else f"a lone surrogate (\\u{ord(char):04x})"
+    )
+
+
+def _shown(text: str) -> str:
+    short = text if len(text) <= 40 else text[:40] + "..."
+    return ascii(short)
 
 
 def parse_telemetry(body: bytes | str, received_ms: int, limits: Limits = Limits()) -> list[Point]:
@@ -78,9 +134,14 @@ def parse_telemetry(body: bytes | str, received_ms: int, limits: Limits = Limits
     # one (an integral float that large, or a nested array or object, kept as JSON text)
     # is read again, like anything orjson refuses, by the standard library.
     try:
-        return _parse_document(orjson.loads(body), received_ms, limits, exact=False)
+        points = _parse_document(orjson.loads(body), received_ms, limits, exact=False)
     except (orjson.JSONDecodeError, _NotExact):
-        return _parse_document(decode_json(body), received_ms, limits, exact=True)
+        points = _parse_document(decode_json(body), received_ms, limits, exact=True)
+    # NUL and lone surrogates only arrive as \u escapes (raw ones are invalid JSON or
+    # UTF-8), so a message without any escape skips the scan.
+    if (b"\\u" in body) if isinstance(body, bytes) else True:
+        check_text(points)
+    return points
 
 
 class _NotExact(Exception):
@@ -159,7 +220,7 @@ def _label(where: str) -> str:
 
 
 def _parse_ts(raw: Any, where: str) -> int:
-    if type(raw) is int and 0 <= raw <= MAX_TS:
+    if type(raw) is int and MIN_TS <= raw <= MAX_TS:
         return raw
     if isinstance(raw, bool) or not isinstance(raw, int):
         if isinstance(raw, float) and raw.is_integer():
@@ -168,9 +229,14 @@ def _parse_ts(raw: Any, where: str) -> int:
             raise InvalidPayload(
                 f"{where} must be an integer of Unix milliseconds, not {_json_type(raw)} {raw!r}"
             )
-    if not 0 <= raw <= MAX_TS:
+    if 0 <= raw < MIN_TS:
         raise InvalidPayload(
-            f"{where}={raw} is out of range: expected Unix milliseconds from 0 to {MAX_TS}"
+            f"{where}={raw} looks like seconds: ts must be Unix milliseconds "
+            f"(from {MIN_TS}, 2001-09-09, to {MAX_TS})"
+        )
+    if not MIN_TS <= raw <= MAX_TS:
+        raise InvalidPayload(
+            f"{where}={raw} is out of range: expected Unix milliseconds from {MIN_TS} to {MAX_TS}"
         )
     return int(raw)
 

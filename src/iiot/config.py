@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from iiot.errors import ConfigError
+from iiot.redact import redact_secrets
 
 __all__ = ["Settings", "load_settings"]
 
@@ -55,6 +56,9 @@ class Settings:
     log_level: str = "INFO"
     retention_interval_s: int = 3600  # how often tenants' telemetry retention is applied
     http_reuse_port: bool = False  # set by `iiot run --workers N`: N processes share the port
+    amqp_queue_type: str = "classic"  # `quorum`: replicated over a RabbitMQ cluster
+    worker_index: int = 0  # set by `iiot run --role ingest --workers N`: 1..N, 0 alone
+    database_read_url: str | None = None  # a PostgreSQL read replica for queries; unset: primary
 
     @property
     def effective_database_url(self) -> str:
@@ -150,6 +154,14 @@ def _url(*schemes: str) -> Callable[[str], str | None]:
     return parse
 
 
+def _queue_type(raw: str) -> str:
+    """classic or quorum"""
+    value = raw.strip().lower()
+    if value not in ("classic", "quorum"):
+        raise ValueError
+    return value
+
+
 def _log_level(raw: str) -> str:
     """one of DEBUG, INFO, WARNING, ERROR"""
     level = raw.strip().upper()
@@ -191,6 +203,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _log_level,
     "retention_interval_s": _int_between(1, 7 * 24 * 3600),
     "http_reuse_port": _bool,
+    "worker_index": _int_between(0, 1024),
+    "amqp_queue_type": _queue_type,
+    "database_read_url": _url("postgresql", "postgres"),
 }
 
 
@@ -217,7 +232,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[name] = parser(text)
         except ValueError:
             raise ConfigError(
-                f"{source}={text!r} is not valid: expected {parser.__doc__}"
+                f"{source}={redact_secrets(text)!r} is not valid: expected {parser.__doc__}"
             ) from None
     return Settings(**values)
 
@@ -239,5 +254,8 @@ def _read_toml(path: str) -> dict[str, tuple[str, str]]:
                 + ", ".join(sorted(known))
             )
         text = str(value).lower() if isinstance(value, bool) else str(value)
+        if key == "data_dir" and text.strip() and not Path(text.strip()).is_absolute():
+            # Relative to the file, so every command finds the same data from any directory.
+            text = str(Path(path).absolute().parent / text.strip())
         result[key] = (f"{key} in {path}", text)
     return result

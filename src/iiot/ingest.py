@@ -23,6 +23,7 @@ from iiot.errors import (
 from iiot.metrics import Metrics
 from iiot.model import Device, DevicePoints, Point
 from iiot.pipeline import Done, Pipeline
+from iiot.presence import Presence
 from iiot.registry import DeviceRegistry
 
 __all__ = ["Decoder", "Ingestor", "refusal_reason"]
@@ -51,8 +52,14 @@ class Ingestor:
     """Turns a device's raw message into committed points."""
 
     def __init__(
-        self, registry: DeviceRegistry, pipeline: Pipeline, metrics: Metrics, limits: Limits
+        self,
+        registry: DeviceRegistry,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        limits: Limits,
+        presence: Presence | None = None,
     ) -> None:
+        self.presence = Presence() if presence is None else presence
         self.registry = registry
         self.pipeline = pipeline
         self.metrics = metrics
@@ -97,7 +104,30 @@ class Ingestor:
         the points are committed, or `on_done(error)` with what `ingest` would raise (the
         caller counts a `StorageUnavailable` with `refused(..., counted=True)`).
         """
-        item = self._decode(device, body, protocol, decode)
+        self.commit_nowait(self._decode(device, body, protocol, decode), protocol, on_done)
+
+    def decode(
+        self, device: Device, body: bytes, protocol: str, decode: Decoder = parse_telemetry
+    ) -> DevicePoints:
+        """Check and decode a message once (counted, refusals too), without committing it.
+
+        Points without `ts` are stamped with the receipt time here, so an adapter that
+        retries a message keeps these points and passes them to `commit`/`commit_nowait`
+        again: a retry rewrites the same (device, key, ts) instead of a second copy.
+        """
+        return self._decode(device, body, protocol, decode)
+
+    async def commit(self, item: DevicePoints, protocol: str) -> int:
+        """Commit decoded points (from `decode`); returns how many were stored."""
+        try:
+            await self.pipeline.submit(item, protocol)
+        except StorageUnavailable as exc:
+            self.refused(protocol, exc, counted=True)
+            raise
+        return len(item.points)
+
+    def commit_nowait(self, item: DevicePoints, protocol: str, on_done: Done) -> None:
+        """Queue decoded points without waiting; `on_done` as for `ingest_nowait`."""
         if not item.points:
             on_done(None)
             return
@@ -124,7 +154,9 @@ class Ingestor:
         try:
             if device.disabled:
                 raise DeviceDisabled(f"device {device.name!r} is disabled")
-            points = decode(body, int(time.time() * 1000), self.limits)
+            now_ms = int(time.time() * 1000)
+            self.presence.seen(device.id, now_ms)  # refused messages count: the device is there
+            points = decode(body, now_ms, self.limits)
         except (DeviceDisabled, InvalidPayload) as exc:
             self.refused(protocol, exc, counted=True)
             raise

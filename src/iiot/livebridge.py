@@ -24,6 +24,7 @@ from uuid import UUID
 
 import asyncpg
 
+from iiot import livebridge_pack
 from iiot.bus import DeviceEvent, LiveEvent, RecordEvent, TelemetryEvent, TenantEvent
 from iiot.model import Device, DevicePoints, Point, Tenant
 from iiot.services import Services
@@ -140,6 +141,8 @@ def decode(payload: str) -> tuple[str, LiveEvent]:
         return raw["o"], TenantEvent(kind.removeprefix("tenant_"), _tenant(raw["n"]))
     if kind == "record":
         return raw["o"], _record(raw["r"])
+    if kind == livebridge_pack.KIND:
+        return raw["o"], livebridge_pack.unpack(raw, _device)
     device = _device(raw["d"])
     if kind == "telemetry":
         points = tuple(Point(str(k), int(ts), v) for k, ts, v in raw["p"])
@@ -207,14 +210,37 @@ class LiveBridge:
                         get.cancel()
                 if not get.done() or get.cancelled():
                     break
-                event = get.result()
-                if self._forget(event):
-                    continue  # came from another process: already everywhere
-                for payload in encode(event, self.origin):
-                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+                payloads = self._payloads([get.result()])
+                if payloads:  # all in one round trip, in order
+                    await conn.execute(
+                        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, payloads
+                    )
         finally:
             with contextlib.suppress(Exception):  # the connection may already be gone
                 await asyncio.wait_for(conn.close(), 5)
+
+    def _payloads(self, events: list[LiveEvent]) -> list[str]:
+        """Payloads of these events and of every other event waiting, in order; committed
+        telemetry packed and coalesced (see `livebridge_pack`)."""
+        queue = self._queue
+        assert queue is not None
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        payloads: list[str] = []
+        telemetry: list[TelemetryEvent] = []
+        for event in events:
+            if self._forget(event):
+                continue  # came from another process: already everywhere
+            if isinstance(event, TelemetryEvent):
+                telemetry.append(event)
+                continue
+            if telemetry:  # keep the order: points before a later device change
+                payloads += livebridge_pack.pack(telemetry, self.origin, _MAX_PAYLOAD, _device_json)
+                telemetry = []
+            payloads += encode(event, self.origin)
+        if telemetry:
+            payloads += livebridge_pack.pack(telemetry, self.origin, _MAX_PAYLOAD, _device_json)
+        return payloads
 
     def _forget(self, event: LiveEvent) -> bool:
         """Whether the event was one we injected (and stop tracking it)."""

@@ -52,6 +52,13 @@ class Metrics:
         self.redeliveries = Counter(
             "iiot_redeliveries", "Messages the broker delivered again", ["protocol"], registry=r
         )
+        self.mqtt_broker_dropped = Gauge(
+            "iiot_mqtt_broker_dropped_messages",
+            "Messages the external MQTT broker reports it dropped"
+            " ($SYS/broker/publish/messages/dropped); no series until it reports one",
+            ["broker"],
+            registry=r,
+        )
         self.connections = Gauge(
             "iiot_connections", "Open client connections", ["protocol"], registry=r
         )
@@ -65,6 +72,13 @@ class Metrics:
             "iiot_http_request_seconds",
             "HTTP request latency",
             ["method", "route", "status"],
+            registry=r,
+        )
+
+        self.command_transitions = Counter(
+            "iiot_command_transitions",
+            "Command state changes made by this process, by new state",
+            ["status"],
             registry=r,
         )
 

@@ -52,6 +52,7 @@ class User:
     tenant_id: UUID | None
     password_hash: str = field(repr=False)
     created_at: int = 0
+    token_version: int = 0  # bumped on a password or role change: older tokens stop working
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from iiot.bus import LiveBus, TelemetryEvent
+from iiot.bus import LiveBus
 from iiot.errors import IIoTError, StorageUnavailable
 from iiot.metrics import Metrics
 from iiot.model import DevicePoints
@@ -129,6 +129,8 @@ class _InFlight:
     deadline: float  # the earliest deadline of a sender still waiting on this batch
     done: bool = False  # written (or refused for good); its senders not yet told
     error: BaseException | None = None
+    # Set when the batch was split to find bad messages: one outcome per item.
+    errors: list[BaseException | None] | None = None
 
 
 class Pipeline:
@@ -434,6 +436,9 @@ class Pipeline:
             self._writing += 1
             try:
                 flight.error = await self._commit(flight.items, flight.points)
+                if flight.error is not None and len(flight.items) > 1:
+                    flight.errors = await self._isolate(flight.items, flight.error)
+                    flight.error = None
             finally:
                 self._writing -= 1
             flight.done = True
@@ -451,9 +456,17 @@ class Pipeline:
         flights = self._in_flight
         while flights and flights[0].done:
             flight = flights.pop(0)
+            errors = flight.errors
+            if errors is not None:
+                self._finish_each(flight.batch, flight.points, errors)
+                pairs = zip(flight.items, errors, strict=True)
+                stored = [item for item, error in pairs if error is None]
+                if stored:
+                    self._bus.publish_points(stored)
+                continue
             self._finish(flight.batch, flight.points, flight.error)
             if flight.error is None:
-                self._bus.publish(TelemetryEvent(flight.items))
+                self._bus.publish_points(flight.items)
 
     async def _commit(self, items: list[DevicePoints], points: int) -> BaseException | None:
         """Write a batch, retrying while storage is unavailable; the error if refused."""
@@ -488,6 +501,47 @@ class Pipeline:
         self._metrics.write_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_points.observe(points)
         return None
+
+    async def _isolate(
+        self, items: list[DevicePoints], error: BaseException
+    ) -> list[BaseException | None]:
+        """Write a refused batch in halves until each bad message stands alone.
+
+        Only a refusal for good gets here (a database that is down is retried whole by
+        `_commit`), so one bad message, e.g. a value the database cannot hold, no longer
+        fails every other device's messages in its batch.
+        """
+        if len(items) == 1:
+            return [error]
+        middle = len(items) // 2
+        outcomes: list[BaseException | None] = []
+        for half in (items[:middle], items[middle:]):
+            failed = await self._commit(half, sum(len(item.points) for item in half))
+            if failed is None:
+                outcomes.extend([None] * len(half))
+            else:
+                outcomes.extend(await self._isolate(half, failed))
+        return outcomes
+
+    def _finish_each(
+        self, batch: list[_Entry], points: int, errors: list[BaseException | None]
+    ) -> None:
+        """Tell each sender of a split batch its own outcome."""
+        per_protocol: dict[str, int] = {}
+        for entry, error in zip(batch, errors, strict=True):
+            future = entry.future
+            if error is None:
+                count = len(entry.item.points)
+                per_protocol[entry.protocol] = per_protocol.get(entry.protocol, 0) + count
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+        for protocol, count in per_protocol.items():
+            self._stored_counter(protocol).inc(count)
+        self._freed(points)
+        self._metrics.queue_points.set(self._queued_points)
 
     def _finish(self, batch: list[_Entry], points: int, error: BaseException | None) -> None:
         per_protocol: dict[str, int] = {}

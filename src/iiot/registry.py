@@ -14,6 +14,7 @@ batch writer, which then waited seconds to commit.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 _MAX_LOOKUPS = 4
 # Background refreshes of expired entries run one after another in this many tasks.
 _REFRESHERS = 1
+# Unknown tokens remembered (bounded): a flood of bad tokens (a CoAP flood costs the sender
+# one datagram each) would otherwise be one database query per message. A token is random,
+# so a new device's token cannot have been tried before it existed.
+_UNKNOWN_TTL_S = 5.0
+_MAX_UNKNOWN = 10_000
 
 
 class DeviceRegistry:
@@ -46,6 +52,10 @@ class DeviceRegistry:
         self._max = max_entries
         self._by_token: dict[str, tuple[float, Device]] = {}
         self._by_id: dict[UUID, tuple[float, Device]] = {}
+        # device id -> its cached token hashes: forgetting a device does not scan the cache
+        self._tokens_of: dict[UUID, set[str]] = {}
+        self._unknown: dict[str, float] = {}  # token hash -> until when it is known unknown
+        self.max_unknown = _MAX_UNKNOWN
         self._lookups = asyncio.Semaphore(_MAX_LOOKUPS)
         self._stale: deque[tuple[str | None, UUID]] = deque()  # entries to read again
         self._stale_keys: set[tuple[str | None, UUID]] = set()
@@ -58,12 +68,27 @@ class DeviceRegistry:
         if device is not None:
             return device
         token_hash = hash_token(token)
+        now = time.monotonic()
+        until = self._unknown.get(token_hash)
+        if until is not None:
+            if until > now:
+                raise AuthenticationError("unknown device token")
+            del self._unknown[token_hash]
         async with self._lookups:
             found = await self._store.find_device_by_token_hash(token_hash)
         if found is None:
+            self._remember_unknown(token_hash, time.monotonic())
             raise AuthenticationError("unknown device token")
         self._remember(token_hash, found, time.monotonic())
         return found
+
+    def _remember_unknown(self, token_hash: str, now: float) -> None:
+        unknown = self._unknown
+        if len(unknown) >= self.max_unknown:
+            # Oldest first (insertion order); expired ones are among them.
+            for key in list(itertools.islice(unknown, len(unknown) // 2 + 1)):
+                del unknown[key]
+        unknown[token_hash] = now + _UNKNOWN_TTL_S
 
     async def authenticate_id(self, device_id: str, token: str) -> Device:
         """The device with this id if the token is its own (MQTT username/password)."""
@@ -109,10 +134,13 @@ class DeviceRegistry:
         if len(self._by_token) >= self._max or len(self._by_id) >= self._max:
             self._by_token.clear()
             self._by_id.clear()
+            self._tokens_of.clear()
         # Jittered: devices cached together do not all expire together.
         expires = now + self._ttl * random.uniform(0.75, 1.0)
         if token_hash is not None:
             self._by_token[token_hash] = (expires, device)
+            self._tokens_of.setdefault(device.id, set()).add(token_hash)
+            self._unknown.pop(token_hash, None)
         self._by_id[device.id] = (expires, device)
 
     def _refresh_later(self, token_hash: str | None, device_id: UUID) -> None:
@@ -160,20 +188,33 @@ class DeviceRegistry:
             self._by_id.pop(device_id, None)
         else:
             self._by_token.pop(token_hash, None)
+            hashes = self._tokens_of.get(device_id)
+            if hashes is not None:
+                hashes.discard(token_hash)
+                if not hashes:
+                    del self._tokens_of[device_id]
 
     def forget(self, device_id: UUID) -> None:
         """Drop a device from the cache (after it changed)."""
         self._by_id.pop(device_id, None)
-        stale = [h for h, (_, d) in self._by_token.items() if d.id == device_id]
-        for token_hash in stale:
-            del self._by_token[token_hash]
+        for token_hash in self._tokens_of.pop(device_id, ()):
+            self._by_token.pop(token_hash, None)
 
     # --- changes -----------------------------------------------------------------------
-    async def create_device(self, tenant_id: UUID, name: str) -> tuple[Device, str]:
+    async def create_device(
+        self,
+        tenant_id: UUID,
+        name: str,
+        *,
+        type: str = "default",
+        gateway_id: UUID | None = None,
+    ) -> tuple[Device, str]:
         """Create a device; returns it with its token (shown once, stored as a hash)."""
         token = new_device_token()
         token_hash = hash_token(token)
-        device = await self._store.create_device(tenant_id, name, token_hash)
+        device = await self._store.create_device(
+            tenant_id, name, token_hash, type=type, gateway_id=gateway_id
+        )
         self._remember(token_hash, device, time.monotonic())
         self._bus.publish(DeviceEvent("created", device))
         return device, token
@@ -188,10 +229,18 @@ class DeviceRegistry:
         return device, token
 
     async def update_device(
-        self, scope: Scope, device_id: UUID, *, name: str | None = None, status: str | None = None
+        self,
+        scope: Scope,
+        device_id: UUID,
+        *,
+        name: str | None = None,
+        status: str | None = None,
+        type: str | None = None,
     ) -> Device:
-        """Rename a device or change its status."""
-        device = await self._store.update_device(scope, device_id, name=name, status=status)
+        """Rename a device, change its status or its type."""
+        device = await self._store.update_device(
+            scope, device_id, name=name, status=status, type=type
+        )
         self.forget(device_id)
         self._bus.publish(DeviceEvent("updated", device))
         return device

@@ -58,6 +58,16 @@ def verify_password(password: str, password_hash: str) -> bool:
         return False
 
 
+# A disabled user's password hash is kept behind this mark (as in /etc/shadow): no password
+# matches it, and removing the mark restores the login (`iiot user disable` / `enable`).
+DISABLED_MARK = "!"
+
+
+def is_disabled_hash(password_hash: str) -> bool:
+    """Whether this stored password hash belongs to a disabled user."""
+    return password_hash.startswith(DISABLED_MARK)
+
+
 def new_device_token() -> str:
     """A random device access token of 192 bits, URL-safe."""
     return secrets.token_urlsafe(24)
@@ -114,6 +124,7 @@ class AccessClaims:
     role: Role
     tenant_id: UUID | None
     expires_at: int  # Unix seconds
+    version: int = 0  # the user's token version when issued (see User.token_version)
 
 
 class TokenSigner:
@@ -130,13 +141,14 @@ class TokenSigner:
         # full. Who the user is *now* (deleted, role changed) is still read per request.
         self._verified: dict[str, AccessClaims] = {}
 
-    def issue(self, user_id: UUID, role: Role, tenant_id: UUID | None) -> str:
+    def issue(self, user_id: UUID, role: Role, tenant_id: UUID | None, version: int = 0) -> str:
         """A signed access token valid for `ttl_s` seconds."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "sub": str(user_id),
             "role": role.value,
             "tid": None if tenant_id is None else str(tenant_id),
+            "ver": version,
             "iat": now,
             "exp": now + self.ttl_s,
         }
@@ -171,6 +183,7 @@ class TokenSigner:
                 role=Role(claims["role"]),
                 tenant_id=None if claims.get("tid") is None else UUID(str(claims["tid"])),
                 expires_at=int(claims["exp"]),
+                version=int(claims.get("ver", 0)),
             )
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("access token expired: log in again") from None
@@ -192,40 +205,78 @@ class TooManyAttempts(PermissionDenied):
 
 
 class LoginThrottle:
-    """Counts failed logins per username and per client address in a sliding window.
+    """Throttles failed logins per (username, client address), with backoff, and per address.
 
-    Once either reaches the limit, further attempts are refused (without checking the
-    password, so guessing costs no bcrypt time) until the oldest failure leaves the window.
+    A username alone is never locked: anyone could then lock `admin` out by failing on
+    purpose. Instead each (username, address) pair may fail `max_failures` times in a
+    window; after that it waits, twice as long after every further failure (up to
+    `max_backoff_s`). An address is also limited to `max_failures` failures per window
+    whatever the usernames (password spraying). A throttled attempt is refused without
+    checking the password, so guessing costs no bcrypt time.
     """
 
-    def __init__(self, max_failures: int, window_s: float = 60.0, max_keys: int = 100_000) -> None:
+    def __init__(
+        self,
+        max_failures: int,
+        window_s: float = 60.0,
+        max_keys: int = 100_000,
+        max_backoff_s: float = 900.0,
+    ) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
+        self.max_backoff_s = max_backoff_s
         self._max_keys = max_keys
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[str, deque[float]] = {}  # address -> failure times
+        self._pairs: dict[tuple[str, str], tuple[int, float]] = {}  # -> (failures, last)
 
     def check(self, username: str, address: str) -> None:
-        """Raise `TooManyAttempts` when this user or address is throttled now."""
+        """Raise `TooManyAttempts` when this user from this address, or the address, waits."""
         now = time.monotonic()
-        for key, what in ((f"u:{username}", "this user"), (f"a:{address}", "this address")):
-            window = self._window(key, now)
-            if window is not None and len(window) >= self.max_failures:
-                retry = max(1, int(window[0] + self.window_s - now + 0.999))
+        pair = self._pair(username, address, now)
+        if pair is not None:
+            wait = self._delay(pair[0])
+            if wait > 0 and now < pair[1] + wait:
+                retry = max(1, int(pair[1] + wait - now + 0.999))
                 raise TooManyAttempts(
-                    f"too many failed logins for {what}: retry in {retry} s", retry
+                    f"too many failed logins for this user from this address: retry in {retry} s",
+                    retry,
                 )
+        window = self._window(f"a:{address}", now)
+        if window is not None and len(window) >= self.max_failures:
+            retry = max(1, int(window[0] + self.window_s - now + 0.999))
+            raise TooManyAttempts(
+                f"too many failed logins from this address: retry in {retry} s", retry
+            )
 
     def failed(self, username: str, address: str) -> None:
         """Record one failed login."""
         now = time.monotonic()
-        if len(self._failures) >= self._max_keys:
+        if len(self._failures) + len(self._pairs) >= self._max_keys:
             self._prune(now)
-        for key in (f"u:{username}", f"a:{address}"):
-            self._failures.setdefault(key, deque()).append(now)
+        pair = self._pair(username, address, now)
+        self._pairs[(username, address)] = ((pair[0] if pair else 0) + 1, now)
+        self._failures.setdefault(f"a:{address}", deque()).append(now)
 
-    def succeeded(self, username: str) -> None:
-        """Forget the user's failures (the address keeps its count)."""
-        self._failures.pop(f"u:{username}", None)
+    def succeeded(self, username: str, address: str = "") -> None:
+        """Forget the failures of this user from this address (the address keeps its count)."""
+        self._pairs.pop((username, address), None)
+
+    def _delay(self, failures: int) -> float:
+        """How long a pair waits after its last failure: 0 below the limit, then doubling."""
+        extra = failures - self.max_failures
+        if extra < 0:
+            return 0.0
+        return float(min(self.max_backoff_s, self.window_s / 60.0 * 2.0**extra))
+
+    def _pair(self, username: str, address: str, now: float) -> tuple[int, float] | None:
+        pair = self._pairs.get((username, address))
+        if pair is None:
+            return None
+        # Forgotten once quiet for a window beyond its current wait.
+        if now - pair[1] >= self.window_s + self._delay(pair[0]):
+            del self._pairs[(username, address)]
+            return None
+        return pair
 
     def _window(self, key: str, now: float) -> deque[float] | None:
         window = self._failures.get(key)
@@ -241,8 +292,9 @@ class LoginThrottle:
     def _prune(self, now: float) -> None:
         for key in list(self._failures):
             self._window(key, now)
-        if len(self._failures) >= self._max_keys:
+        for username, address in list(self._pairs):
+            self._pair(username, address, now)
+        if len(self._failures) + len(self._pairs) >= self._max_keys:
             # Still full (a flood of made-up usernames): drop per-user counts rather than
             # grow; per-address counts stay, so the flooding address remains throttled.
-            for key in [k for k in self._failures if k.startswith("u:")]:
-                del self._failures[key]
+            self._pairs.clear()

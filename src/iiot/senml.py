@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from iiot.codec import MAX_KEY_LENGTH, MAX_TS, Limits, check_size, decode_json
+from iiot.codec import MAX_KEY_LENGTH, MAX_TS, Limits, check_size, check_text, decode_json
 from iiot.errors import InvalidPayload
 from iiot.model import Point, Scalar
 
@@ -60,6 +60,7 @@ def parse_senml(body: bytes, received_ms: int, limits: Limits) -> list[Point]:
             )
     if not points:
         raise InvalidPayload("SenML pack holds no values")
+    check_text(points)
     return points
 
 

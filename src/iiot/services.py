@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from iiot.bus import CommandRouter, LiveBus
+from iiot.bus import LiveBus
 from iiot.config import Settings
+from iiot.control.attributes import AttributeService
+from iiot.control.commands import CommandService
+from iiot.device_identity import DeviceIdentity
 from iiot.ingest import Ingestor
 from iiot.links import DeviceInbox, DeviceLinks, UnsupportedInbox
 from iiot.metrics import Metrics
 from iiot.pipeline import Pipeline
+from iiot.presence import Presence
 from iiot.registry import DeviceRegistry
 from iiot.storage.base import Store
+
+if TYPE_CHECKING:
+    from iiot.alarms.service import AlarmService
 
 __all__ = ["Health", "HealthBoard", "Services"]
 
@@ -49,8 +56,15 @@ class Services:
     registry: DeviceRegistry
     pipeline: Pipeline
     ingestor: Ingestor
-    commands: CommandRouter
+    commands: CommandService
+    attributes: AttributeService
     health: HealthBoard
+    # Certificate logins and gateway children (`device_identity.py`).
+    identity: DeviceIdentity
     # The way back to devices: adapters attach links; services push and receive through them.
     links: DeviceLinks = field(default_factory=DeviceLinks)
     inbox: DeviceInbox = field(default_factory=UnsupportedInbox)
+    # Messages seen per device, written in batches by the presence tracker.
+    presence: Presence = field(default_factory=Presence)
+    # Alarms and rules (set by the composition root; None only in bare test setups).
+    alarms: AlarmService | None = None

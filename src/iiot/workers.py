@@ -1,8 +1,18 @@
-"""`iiot run --role api --workers N`: N API processes sharing one HTTP port.
+"""`iiot run --role api|ingest --workers N`: N processes sharing the platform's ports.
 
-Each worker is a plain `iiot run --role api` child with `IIOT_HTTP_REUSE_PORT=1`, so all
+Each worker is a plain `iiot run --role ROLE` child with `IIOT_HTTP_REUSE_PORT=1`, so all
 of them bind the same port with SO_REUSEPORT and the kernel spreads connections among
-them. The first worker starts alone (it creates the schema and the first administrator);
+them.
+
+Ingest workers (PostgreSQL only) share the load of every protocol, each worker knowing its
+number through `IIOT_WORKER_INDEX`: CoAP binds the same UDP port (SO_REUSEPORT, see
+`iiot.listen`); an external MQTT broker is read through a shared subscription
+(`IIOT_MQTT_SHARED_GROUP`, `iiot` unless set; one persistent session per worker); AMQP
+workers are competing consumers of the one `telemetry` queue. The OPC UA server and the
+embedded MQTT broker keep state of their own and run in worker 1 only; the live bridge
+(PostgreSQL NOTIFY) brings every worker's values to worker 1's OPC UA address space.
+
+The first worker starts alone (it creates the schema and the first administrator);
 the others follow once it listens. SIGTERM/SIGINT stop every worker gracefully. If a
 worker dies, the others are stopped and the command fails, so that the service manager
 (systemd `Restart=`) restarts the whole group cleanly.
@@ -52,11 +62,29 @@ def _stop(children: list[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
+def worker_env(settings: Settings, role: str, index: int) -> dict[str, str]:
+    """The environment of worker `index` (1..N) of a role."""
+    env = {**os.environ, "IIOT_HTTP_REUSE_PORT": "1"}
+    if role != "ingest":
+        return env
+    env["IIOT_WORKER_INDEX"] = str(index)
+    if settings.mqtt_url and not settings.mqtt_shared_group:
+        env["IIOT_MQTT_SHARED_GROUP"] = "iiot"
+    if index > 1:
+        env["IIOT_OPCUA_PORT"] = "0"  # one address space per host, fed by the live bridge
+        if not settings.mqtt_url:
+            env["IIOT_MQTT_PORT"] = "0"  # the embedded broker's sessions live in one process
+    return env
+
+
 def run_workers(settings: Settings, role: str, workers: int) -> None:
-    """Run `workers` API processes until SIGTERM/SIGINT; raise if one of them fails."""
-    if role != "api":
+    """Run `workers` processes of a role until SIGTERM/SIGINT; raise if one of them fails."""
+    if role not in ("api", "ingest"):
+        raise ConfigError(f"--workers {workers} needs --role api or --role ingest")
+    if role == "ingest" and not settings.uses_postgres:
         raise ConfigError(
-            f"--workers {workers} needs --role api (ingestion runs in one process per host)"
+            f"--role ingest --workers {workers} needs PostgreSQL (IIOT_DATABASE_URL): "
+            "SQLite takes one writing process"
         )
     if not settings.http_port:
         raise ConfigError("--workers needs an HTTP port: IIOT_HTTP_PORT is 0")
@@ -67,27 +95,31 @@ def run_workers(settings: Settings, role: str, workers: int) -> None:
         stopping = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    env = {**os.environ, "IIOT_HTTP_REUSE_PORT": "1"}
-    command = [sys.executable, "-m", "iiot", "run", "--role", "api"]
+    command = [sys.executable, "-m", "iiot", "run", "--role", role]
     children: list[subprocess.Popen[bytes]] = []
     try:
-        children.append(subprocess.Popen(command, env=env))
+        children.append(subprocess.Popen(command, env=worker_env(settings, role, 1)))
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not _listening(settings.bind_host, settings.http_port):
             if stopping:
                 return
-            if children[0].poll() is not None:
-                raise IIoTError(f"the first API worker exited with code {children[0].returncode}")
+            if (code := children[0].poll()) is not None:
+                raise IIoTError(f"the first {role} worker exited with code {code}")
             if time.monotonic() > deadline:
-                raise IIoTError(f"the first API worker did not listen in {_START_TIMEOUT_S:.0f} s")
+                raise IIoTError(
+                    f"the first {role} worker did not listen in {_START_TIMEOUT_S:.0f} s"
+                )
             time.sleep(0.1)
-        children += [subprocess.Popen(command, env=env) for _ in range(workers - 1)]
-        log.info("%d API workers on port %d", workers, settings.http_port)
+        children += [
+            subprocess.Popen(command, env=worker_env(settings, role, index))
+            for index in range(2, workers + 1)
+        ]
+        log.info("%d %s workers on port %d", workers, role, settings.http_port)
         while not stopping:
             for index, child in enumerate(children):
                 if child.poll() is not None:
                     raise IIoTError(
-                        f"API worker {index + 1} (pid {child.pid}) exited with code "
+                        f"{role} worker {index + 1} (pid {child.pid}) exited with code "
                         f"{child.returncode}; stopped the others"
                     )
             time.sleep(0.2)

@@ -48,7 +48,7 @@ async def test_bad_input_matrix(tmp_path: Path) -> None:
             headers=api.admin,
         )
         url = f"/api/v1/{device['token']}/telemetry"
-        ok = await api.client.post(url, json={"ts": 1000, "values": {"t": 1.5}})
+        ok = await api.client.post(url, json={"ts": 1767225601000, "values": {"t": 1.5}})
         assert ok.status_code == 200 and ok.json() == {"stored": 1}
         before = await _stored(api, device)
         json_type = {"content-type": "application/json"}
@@ -61,12 +61,26 @@ async def test_bad_input_matrix(tmp_path: Path) -> None:
             ("number", url, b"42", json_type, 400, "JSON object"),
             ("string", url, b'"hello"', json_type, 400, "JSON object"),
             ("null", url, b"null", json_type, 400, "JSON object"),
-            ("empty values", url, b'{"ts": 5, "values": {}}', json_type, 400, "no values"),
+            (
+                "empty values",
+                url,
+                b'{"ts": 1767225600000, "values": {}}',
+                json_type,
+                400,
+                "no values",
+            ),
             ("empty array", url, b"[]", json_type, 400, "empty array"),
             ("array of numbers", url, b"[1, 2]", json_type, 400, "item [0]"),
             ("ts as text", url, b'{"ts": "now", "values": {"t": 1}}', json_type, 400, "ts"),
             ("negative ts", url, b'{"ts": -1, "values": {"t": 1}}', json_type, 400, "range"),
-            ("values not object", url, b'{"ts": 5, "values": [1]}', json_type, 400, "values"),
+            (
+                "values not object",
+                url,
+                b'{"ts": 1767225600005, "values": [1]}',
+                json_type,
+                400,
+                "values",
+            ),
             ("NaN", url, b'{"t": NaN}', json_type, 400, "NaN"),
             ("huge number", url, b'{"t": 1e999}', json_type, 400, "range"),
             ("empty key", url, b'{"": 1}', json_type, 400, "1 to 255"),
@@ -82,7 +96,7 @@ async def test_bad_input_matrix(tmp_path: Path) -> None:
             (
                 "one bad item spoils the array",
                 url,
-                b'[{"t": 2}, {"ts": 1, "values": 3}]',
+                b'[{"t": 2}, {"ts": 1767225600001, "values": 3}]',
                 json_type,
                 400,
                 "[1]",
@@ -166,7 +180,11 @@ async def test_payload_forms_and_senml(tmp_path: Path) -> None:
         )
         assert answer.status_code == 200 and answer.json() == {"stored": 0}
         answer = await api.client.post(
-            url, json=[{"ts": 1_000, "values": {"a": 1}}, {"ts": 2_000, "values": {"a": 2}}]
+            url,
+            json=[
+                {"ts": 1_767_225_601_000, "values": {"a": 1}},
+                {"ts": 1_767_225_602_000, "values": {"a": 2}},
+            ],
         )
         assert answer.json() == {"stored": 2}
         pack = [
@@ -187,7 +205,7 @@ async def test_payload_forms_and_senml(tmp_path: Path) -> None:
         assert [p["value"] for p in (await _stored(api, device))["a"]] == [1, 2]
 
         # Storing the same point twice keeps one row.
-        await api.client.post(url, json={"ts": 1_000, "values": {"a": 1}})
+        await api.client.post(url, json={"ts": 1_767_225_601_000, "values": {"a": 1}})
         assert [p["value"] for p in (await _stored(api, device))["a"]] == [1, 2]
 
 
@@ -198,7 +216,7 @@ async def test_many_concurrent_devices(tmp_path: Path) -> None:
         async def send(device: dict[str, Any], index: int) -> int:
             answer = await api.client.post(
                 f"/api/v1/{device['token']}/telemetry",
-                json={"ts": 1_000 + index, "values": {"n": index}},
+                json={"ts": 1_767_225_601_000 + index, "values": {"n": index}},
             )
             return answer.status_code
 
@@ -261,11 +279,11 @@ async def test_storage_down_answers_503_with_retry_after(tmp_path: Path, pg_url:
             device = await _device(api)
             url = f"/api/v1/{device['token']}/telemetry"
             assert (
-                await api.client.post(url, json={"ts": 1, "values": {"v": 1}})
+                await api.client.post(url, json={"ts": 1767225600001, "values": {"v": 1}})
             ).status_code == 200
 
             await proxy.cut()
-            answer = await api.client.post(url, json={"ts": 2, "values": {"v": 2}})
+            answer = await api.client.post(url, json={"ts": 1767225600002, "values": {"v": 2}})
             assert answer.status_code == 503, answer.text
             assert int(answer.headers["retry-after"]) > 0
             assert "unavailable" in answer.json()["detail"]
@@ -276,7 +294,7 @@ async def test_storage_down_answers_503_with_retry_after(tmp_path: Path, pg_url:
             await proxy.start()
             deadline = asyncio.get_running_loop().time() + 30
             while True:
-                answer = await api.client.post(url, json={"ts": 3, "values": {"v": 3}})
+                answer = await api.client.post(url, json={"ts": 1767225600003, "values": {"v": 3}})
                 if answer.status_code == 200 or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.2)

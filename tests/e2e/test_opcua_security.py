@@ -81,7 +81,7 @@ async def test_set_status_is_published_as_an_amqp_command(tmp_path: Path, amqp_u
         async with connection:
             channel = await connection.channel()
             exchange = await channel.declare_exchange(
-                "iiot", aio_pika.ExchangeType.TOPIC, durable=True
+                "iiot.commands", aio_pika.ExchangeType.TOPIC, durable=True
             )
             queue = await channel.declare_queue(exclusive=True)
             await queue.bind(exchange, f"commands.{device['id']}")

@@ -149,7 +149,15 @@ async def test_browse_and_read_latest_values_with_types_and_source_timestamps(wo
     async with world.client() as client:
         ns, node = await device_node(client, "acme", device["name"])
         names = {(await child.read_browse_name()).Name for child in await node.get_children()}
-        assert names == {"Status", "SetStatus", "temperature", "count", "running", "mode"}
+        assert names == {
+            "Status",
+            "SetStatus",
+            "SendCommand",
+            "temperature",
+            "count",
+            "running",
+            "mode",
+        }
         expected = {
             "temperature": (21.5, ua.VariantType.Double),
             "count": (7.0, ua.VariantType.Double),
@@ -210,7 +218,7 @@ class _Collector:
 
 async def test_subscription_receives_values_sent_over_http(world: World) -> None:
     device = await world.device(world.acme)
-    await world.send(device, {"ts": 1000, "values": {"speed": 1.0}})
+    await world.send(device, {"ts": 1767225601000, "values": {"speed": 1.0}})
     async with world.client() as client:
         ns, node = await device_node(client, "acme", device["name"])
         speed = await node.get_child(f"{ns}:speed")
@@ -219,15 +227,55 @@ async def test_subscription_receives_values_sent_over_http(world: World) -> None
         await subscription.subscribe_data_change(speed)
         first, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)  # the current value
         assert first == 1.0
-        await world.send(device, {"ts": 2000, "values": {"speed": 42.5}})
+        await world.send(device, {"ts": 1767225602000, "values": {"speed": 42.5}})
         value, dv = await asyncio.wait_for(collector.values.get(), WAIT_S)
         assert value == 42.5
-        assert dv.SourceTimestamp == datetime.datetime.fromtimestamp(2, datetime.UTC)
+        assert dv.SourceTimestamp == datetime.datetime.fromtimestamp(1767225602, datetime.UTC)
         # A late, older point is stored but does not replace the latest value.
-        await world.send(device, {"ts": 1500, "values": {"speed": 0.0}})
-        await world.send(device, {"ts": 3000, "values": {"speed": 7.0}})
+        await world.send(device, {"ts": 1767225601500, "values": {"speed": 0.0}})
+        await world.send(device, {"ts": 1767225603000, "values": {"speed": 7.0}})
         value, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
         assert value == 7.0
+        await subscription.delete()
+
+
+async def test_a_burst_is_coalesced_to_the_newest_value_for_readers_and_subscribers(
+    world: World,
+) -> None:
+    device = await world.device(world.acme)
+    T0 = 1_767_225_600_000
+    await world.send(device, {"ts": T0 + 1000, "values": {"level": 0.0, "mode": "idle"}})
+    async with world.client() as client:
+        ns, node = await device_node(client, "acme", device["name"])
+        level = await eventually(lambda: _child(node, f"{ns}:level"))
+        collector = _Collector()
+        subscription = await client.create_subscription(50, collector)
+        await subscription.subscribe_data_change(level)
+        first, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
+        assert first == 0.0
+        # 200 values in one request, then 20 more requests: the newest one is what counts.
+        burst = [{"ts": T0 + 2000 + i, "values": {"level": float(i)}} for i in range(200)]
+        await world.send(device, burst)
+        for i in range(200, 220):
+            await world.send(device, {"ts": T0 + 2000 + i, "values": {"level": float(i)}})
+        # A read sees the newest committed value at once (it is served on read).
+        dv = await level.read_data_value()
+        assert dv.Value.Value == 219.0
+        assert dv.SourceTimestamp == datetime.datetime.fromtimestamp(
+            (T0 + 2219) / 1000, datetime.UTC
+        )
+        # The subscription ends on the newest value (intermediate ones may be coalesced).
+        seen: list[float] = []
+        while not seen or seen[-1] != 219.0:
+            value, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
+            seen.append(value)
+        assert seen == sorted(seen) and len(seen) < 220
+        # A key that changes type keeps working: the new type is read and notified.
+        await world.send(device, {"ts": T0 + 3000, "values": {"level": "full"}})
+        value, _ = await asyncio.wait_for(collector.values.get(), WAIT_S)
+        assert value == "full"
+        assert (await level.read_data_value()).Value.VariantType == ua.VariantType.String
+        assert await (await node.get_child(f"{ns}:mode")).read_value() == "idle"
         await subscription.delete()
 
 
@@ -328,7 +376,7 @@ async def test_history_read_10000_points_page_by_page(world: World) -> None:
 async def test_another_tenants_nodes_are_hidden_and_refused(world: World) -> None:
     device = await world.device(world.acme)
     await world.device(world.globex)  # a tenant's folder appears with its first device
-    await world.send(device, {"ts": 5000, "values": {"secret": 1.0}})
+    await world.send(device, {"ts": 1767225605000, "values": {"secret": 1.0}})
     async with world.client() as admin:
         ns, node = await device_node(admin, "acme", device["name"])
         secret_id = (await node.get_child(f"{ns}:secret")).nodeid

@@ -61,7 +61,7 @@ async def test_broker_outage_mid_run_loses_nothing_and_consumer_returns(
         env = platform_env(
             tmp_path,
             IIOT_DATABASE_URL=pg_url,
-            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path or '/'}",
         )
         async with running_platform(env) as platform:
             adapter = _adapter(platform)
@@ -94,7 +94,7 @@ async def test_repeated_connection_cuts_never_leave_the_queue_without_consumer(
         env = platform_env(
             tmp_path,
             IIOT_DATABASE_URL=pg_url,
-            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            IIOT_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path or '/'}",
         )
         async with running_platform(env) as platform:
             adapter = _adapter(platform)

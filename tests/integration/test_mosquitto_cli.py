@@ -29,6 +29,7 @@ def iiot(env: dict[str, str], *args: str) -> str:
 def test_generated_files_let_the_device_in_and_keep_others_out(tmp_path: Path) -> None:
     env = platform_env(tmp_path / "data")
     passwd, acl = tmp_path / "passwd", tmp_path / "acl"
+    iiot(env, "migrate")  # commands other than run/migrate/restore never create a database
     iiot(env, "tenant", "create", "acme")
     created = iiot(
         env,

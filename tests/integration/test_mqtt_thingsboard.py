@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import inspect
 import time
 from typing import Any
 from uuid import UUID
@@ -12,7 +10,6 @@ from uuid import UUID
 import pytest
 
 from iiot.app import Platform
-from iiot.security import hash_token
 
 tb_device_mqtt = pytest.importorskip("tb_device_mqtt")
 tb_gateway_mqtt = pytest.importorskip("tb_gateway_mqtt")
@@ -33,18 +30,7 @@ async def _gateway(platform: Platform) -> tuple[UUID, UUID, str]:
     """A device of type "gateway": (tenant id, device id, token)."""
     services = platform.services
     tenant = await services.store.create_tenant("plant")
-    device, token = await services.registry.create_device(tenant.id, "gateway-1")
-    if device.type != "gateway":
-        params = inspect.signature(services.store.update_device).parameters
-        if "type" in params:
-            device = await services.store.update_device(None, device.id, type="gateway")  # type: ignore[call-arg]
-        else:
-            # Until devices store their type: the registry's cached entry says "gateway".
-            registry = services.registry
-            registry._ttl = 3600  # type: ignore[attr-defined]
-            registry._remember(  # type: ignore[attr-defined]
-                hash_token(token), dataclasses.replace(device, type="gateway"), time.monotonic()
-            )
+    device, token = await services.registry.create_device(tenant.id, "gateway-1", type="gateway")
     return tenant.id, device.id, token
 
 

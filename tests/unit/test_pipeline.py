@@ -259,3 +259,59 @@ async def test_an_unexpected_store_error_fails_the_batch_but_not_the_writer() ->
         writer.crash = False
         await asyncio.wait_for(pipe.submit(points(2, 10), "test"), 5)
     assert writer.stored == [10, 11]
+
+
+class PoisonWriter(MemoryWriter):
+    """Refuses any batch holding a point with a poison key, as a database refuses a value."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+        self.attempts = 0
+
+    async def write_points(self, batch: Sequence[DevicePoints]) -> None:
+        self.attempts += 1
+        if any(p.key == "poison" for item in batch for p in item.points):
+            raise self.error
+        await super().write_points(batch)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (InvalidRequest("value refused"), InvalidRequest),
+        (RuntimeError("a bug the data triggers"), StorageUnavailable),
+    ],
+)
+async def test_a_bad_message_is_isolated_and_the_rest_of_its_batch_commits(
+    error: Exception, expected: type[Exception]
+) -> None:
+    writer, bus = PoisonWriter(error), LiveBus()
+    events = bus.subscribe()
+    heard: dict[int, BaseException | None] = {}
+    bad = DevicePoints(DEVICE, (Point("poison", 999, 1),))
+    async with pipeline(writer, bus, max_batch_points=100, max_delay_s=0.05, writers=1) as pipe:
+        for i in range(20):
+            item = bad if i == 7 else points(1, i)
+            assert pipe.enqueue(item, "test", lambda e, i=i: heard.__setitem__(i, e))
+        for _ in range(200):
+            if len(heard) == 20:
+                break
+            await asyncio.sleep(0.01)
+    assert isinstance(heard.pop(7), expected)
+    assert heard == {i: None for i in range(20) if i != 7}
+    assert sorted(writer.stored) == [i for i in range(20) if i != 7]
+    published = []
+    while not events.empty():
+        event = events.get_nowait()
+        assert isinstance(event, TelemetryEvent)
+        published.extend(p.ts for item in event.batch for p in item.points)
+    assert sorted(published) == [i for i in range(20) if i != 7]
+
+
+async def test_a_transient_failure_retries_the_whole_batch_unsplit() -> None:
+    writer = MemoryWriter()
+    writer.failures_left = 2
+    async with pipeline(writer, max_batch_points=100, max_delay_s=0.05, writers=1) as pipe:
+        await asyncio.gather(*(pipe.submit(points(1, i), "test") for i in range(10)))
+    assert len(writer.batches) == 1 and sorted(writer.stored) == list(range(10))

@@ -177,11 +177,31 @@ def test_throttle_per_user_and_address() -> None:
         throttle.check("alice", "10.0.0.1")
         throttle.failed("alice", "10.0.0.1")
     with pytest.raises(TooManyAttempts) as raised:
-        throttle.check("alice", "10.0.0.2")  # the user is throttled from any address
+        throttle.check("alice", "10.0.0.1")  # this user from this address
     assert 1 <= raised.value.retry_after <= 60
     with pytest.raises(TooManyAttempts, match="address"):
         throttle.check("bob", "10.0.0.1")  # and the address for any user
     throttle.check("bob", "10.0.0.2")
+
+
+def test_failures_from_one_address_do_not_lock_the_user_out_elsewhere() -> None:
+    throttle = LoginThrottle(max_failures=3, window_s=60)
+    for _ in range(50):
+        throttle.failed("admin", "10.6.6.6")
+    throttle.check("admin", "10.0.0.2")  # the real admin, from their own address
+
+
+def test_repeated_failures_back_off_exponentially() -> None:
+    throttle = LoginThrottle(max_failures=3, window_s=60)
+    waits = []
+    for _ in range(8):
+        throttle.failed("alice", "10.0.0.1")
+        try:
+            throttle.check("alice", "10.0.0.1")
+        except TooManyAttempts as exc:
+            waits.append(exc.retry_after)
+    assert waits == sorted(waits) and waits[-1] >= 4 * waits[0]
+    assert waits[-1] <= 900
 
 
 def test_throttle_window_expires() -> None:
@@ -196,9 +216,9 @@ def test_throttle_window_expires() -> None:
 def test_success_clears_the_user_count() -> None:
     throttle = LoginThrottle(max_failures=2, window_s=60)
     throttle.failed("alice", "a")
-    throttle.succeeded("alice")
-    throttle.failed("alice", "b")
-    throttle.check("alice", "c")
+    throttle.succeeded("alice", "a")
+    assert ("alice", "a") not in throttle._pairs
+    throttle.check("alice", "a")
 
 
 def test_throttle_memory_is_bounded_but_keeps_addresses() -> None:

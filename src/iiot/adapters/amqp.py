@@ -7,8 +7,9 @@ after its points are committed. A message whose token is in the device cache is 
 for commit right where it is delivered and settled from the commit callback (no task of
 its own); anything else (uncached token, refusals, storage outages) takes a task. Refused
 messages are republished (persistent, confirmed) to the queue `telemetry.rejected` with
-`x-reject-reason` / `x-reject-message` headers, then acknowledged. Commands go to `iiot`
-with routing key `commands.{device_id}`.
+`x-reject-reason` / `x-reject-message` headers, then acknowledged. Commands go to their own
+exchange, `iiot.commands`, with routing key `commands.{device_id}`: devices need write
+access to `iiot` for telemetry, so commands on `iiot` could be forged by any device.
 
 Reconnection is explicit: every session (connection, channels, topology, consumer) is built
 from scratch under `supervise()`, instead of relying on aio-pika's robust reconnection,
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Coroutine
@@ -40,12 +40,13 @@ from aiormq.abc import DeliveredMessage
 
 from iiot.errors import AuthenticationError, IIoTError, StorageUnavailable
 from iiot.ingest import refusal_reason
-from iiot.model import Device
+from iiot.model import DevicePoints
 from iiot.services import Services
 from iiot.supervisor import Backoff, cancel_and_wait, supervise
 
 __all__ = [
     "BINDING_KEY",
+    "COMMAND_EXCHANGE",
     "EXCHANGE",
     "QUEUE",
     "REJECTED_QUEUE",
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "amqp"
 EXCHANGE = "iiot"
+# Only the platform writes here (devices may read: bind their own queue to their key).
+COMMAND_EXCHANGE = "iiot.commands"
 QUEUE = "telemetry"
 BINDING_KEY = "telemetry.*"
 REJECTED_QUEUE = "telemetry.rejected"
@@ -87,7 +90,7 @@ class _Session:
 
     connection: AbstractConnection
     consume_channel: AbstractChannel
-    exchange: AbstractExchange  # `iiot`, on the confirming publish channel
+    exchange: AbstractExchange  # `iiot.commands`, on the confirming publish channel
     direct: AbstractExchange  # the default exchange, on the confirming publish channel
     queue: AbstractQueue
     channel: aiormq.abc.AbstractChannel  # the consuming channel, below aio-pika
@@ -258,14 +261,12 @@ class AmqpAdapter:
             supervise(f"AMQP {_safe_url(self._url)}", self._serve, log, self._set_state),
             name="amqp-supervisor",
         )
-        self._services.commands.register(self)
         # A broker that is down must not stop the platform: wait briefly, then go on
         # (readiness says "down" and the supervisor keeps trying).
         await self.wait_connected(5.0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._services.commands.unregister(self)
         session = self._session
         if session is not None and session.consumer_tag is not None:
             # Stop new deliveries first; what was prefetched but not started is requeued
@@ -342,11 +343,15 @@ class AmqpAdapter:
         underlay = await consume_channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(on_lost)
         await consume_channel.set_qos(prefetch_count=self._prefetch)
+        await publish_channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         exchange = await publish_channel.declare_exchange(
-            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            COMMAND_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        await publish_channel.declare_queue(REJECTED_QUEUE, durable=True)
-        queue = await consume_channel.declare_queue(QUEUE, durable=True)
+        # IIOT_AMQP_QUEUE_TYPE=quorum: queues replicated over a RabbitMQ cluster.
+        quorum = self._services.settings.amqp_queue_type == "quorum"
+        kind: dict[str, Any] | None = {"x-queue-type": "quorum"} if quorum else None
+        await publish_channel.declare_queue(REJECTED_QUEUE, durable=True, arguments=kind)
+        queue = await consume_channel.declare_queue(QUEUE, durable=True, arguments=kind)
         await queue.bind(EXCHANGE, BINDING_KEY)
         return _Session(
             connection=connection,
@@ -368,7 +373,13 @@ class AmqpAdapter:
         if tag is None:  # only basic.get answers lack a tag; we never send basic.get
             return
         session.settler.begin(tag)
-        if not self._ingest_now(session, message, tag):
+        try:
+            fast = self._ingest_now(session, message, tag)
+        except Exception as exc:  # a bug: refuse this one message, never leave it unsettled
+            log.exception("unexpected error while ingesting an AMQP message")
+            self._in_task(self._refuse_and_settle(session, message, tag, exc))
+            return
+        if not fast:
             self._in_task(self._handle(session, message, tag))
 
     def _in_task(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -389,12 +400,11 @@ class AmqpAdapter:
             return False
         if _redelivered(message):
             self._services.metrics.redeliveries.labels(PROTOCOL).inc()
+        ingestor = self._services.ingestor
         try:
-            self._services.ingestor.ingest_nowait(
-                device,
-                message.body,
-                PROTOCOL,
-                lambda error: self._committed(session, message, tag, error),
+            item = ingestor.decode(device, message.body, PROTOCOL)
+            ingestor.commit_nowait(
+                item, PROTOCOL, lambda error: self._committed(session, message, tag, item, error)
             )
         except StorageUnavailable:  # shutting down: give it back to the broker
             session.settler.settle_soon(tag, False)
@@ -402,11 +412,21 @@ class AmqpAdapter:
         except IIoTError as exc:  # counted already; refuse it in a task
             self._in_task(self._refuse_and_settle(session, message, tag, exc))
             return True
+        except Exception as exc:  # a bug (counted as received already): refuse this one
+            log.exception("unexpected error while ingesting an AMQP message")
+            self._services.ingestor.refused(PROTOCOL, exc, counted=True)
+            self._in_task(self._refuse_and_settle(session, message, tag, exc))
+            return True
         self._fast += 1
         return True
 
     def _committed(
-        self, session: _Session, message: DeliveredMessage, tag: int, error: BaseException | None
+        self,
+        session: _Session,
+        message: DeliveredMessage,
+        tag: int,
+        item: DevicePoints,
+        error: BaseException | None,
     ) -> None:
         self._fast -= 1
         if self._fast == 0:
@@ -416,18 +436,48 @@ class AmqpAdapter:
             self._storage_backoff.reset()
         elif isinstance(error, StorageUnavailable):
             self._services.ingestor.refused(PROTOCOL, error, counted=True)
-            self._in_task(self._give_back_later(session, tag, error))
+            self._in_task(self._retry_points(session, message, tag, item))
         else:  # refused for good by the store (an IIoTError) or a bug
             refused = error if isinstance(error, Exception) else Exception(repr(error))
             self._in_task(self._refuse_and_settle(session, message, tag, refused))
 
-    async def _give_back_later(self, session: _Session, tag: int, exc: Exception) -> None:
-        # As in `_process`: keep the message a while, then give it back to the broker.
-        log.debug("storage unavailable, requeueing message: %s", exc)
+    async def _retry_points(
+        self, session: _Session, message: DeliveredMessage, tag: int, item: DevicePoints
+    ) -> None:
+        """Commit a fast-path message's decoded points again after a storage outage."""
+        ack = False  # cancelled or the session lost: give it back to the broker
         try:
             await asyncio.sleep(self._storage_backoff.next_delay())
+            ack = await self._commit_held(session, message, item)
         finally:
-            await self._settle(session, tag, False)
+            await self._settle(session, tag, ack)
+
+    async def _commit_held(
+        self, session: _Session, message: DeliveredMessage, item: DevicePoints
+    ) -> bool:
+        """Commit decoded points, retrying while storage is unavailable; True to ack.
+
+        The message is kept (with its prefetch slot) and its points, stamped once, are
+        retried here: giving it back to the broker would decode it again, and points
+        without `ts` would get a second receipt time, so a copy of the first attempt
+        still landing would make two rows.
+        """
+        while True:
+            try:
+                await self._services.ingestor.commit(item, PROTOCOL)
+            except StorageUnavailable as exc:
+                if session.lost.is_set():
+                    return False  # the broker redelivers it on the next session
+                log.debug("storage unavailable, retrying a held message: %s", exc)
+                await asyncio.sleep(self._storage_backoff.next_delay())
+                continue
+            except IIoTError as exc:
+                return await self._refuse(session, message, exc)
+            except Exception as exc:  # a bug must not leave the message unsettled forever
+                log.exception("unexpected error while ingesting an AMQP message")
+                return await self._refuse(session, message, exc)
+            self._storage_backoff.reset()
+            return True
 
     async def _refuse_and_settle(
         self, session: _Session, message: DeliveredMessage, tag: int, exc: Exception
@@ -459,10 +509,10 @@ class AmqpAdapter:
         if _redelivered(message):
             self._services.metrics.redeliveries.labels(PROTOCOL).inc()
         try:
-            await self._ingest(message)
+            item = await self._decode(message)
         except StorageUnavailable as exc:
-            # Keep the message (and its prefetch slot) a while, then give it back to the
-            # broker: it is redelivered once storage may be back.
+            # The token could not be checked: keep the message (and its prefetch slot) a
+            # while, then give it back to the broker.
             log.debug("storage unavailable, requeueing message: %s", exc)
             await asyncio.sleep(self._storage_backoff.next_delay())
             return False
@@ -471,11 +521,10 @@ class AmqpAdapter:
         except Exception as exc:  # a bug must not leave the message unsettled forever
             log.exception("unexpected error while ingesting an AMQP message")
             return await self._refuse(session, message, exc)
-        self._storage_backoff.reset()
-        return True
+        return await self._commit_held(session, message, item)
 
-    async def _ingest(self, message: DeliveredMessage) -> int:
-        """Authenticate (token must be the routing key's device's), decode, commit."""
+    async def _decode(self, message: DeliveredMessage) -> DevicePoints:
+        """Authenticate (token must be the routing key's device's) and decode."""
         ingestor = self._services.ingestor
         token = _header_text((message.header.properties.headers or {}).get(TOKEN_HEADER))
         device_id = _device_id_of(message.routing_key)
@@ -490,7 +539,7 @@ class AmqpAdapter:
         except AuthenticationError as exc:
             ingestor.refused(PROTOCOL, exc)
             raise
-        return await ingestor.ingest(device, message.body, PROTOCOL)
+        return ingestor.decode(device, message.body, PROTOCOL)
 
     async def _refuse(self, session: _Session, message: DeliveredMessage, exc: Exception) -> bool:
         """Republish to `telemetry.rejected` with the reason; True once the broker has it."""
@@ -525,27 +574,3 @@ class AmqpAdapter:
             log.warning("could not move a refused message to %s: %r", REJECTED_QUEUE, publish_error)
             return False
         return True
-
-    # --- commands ----------------------------------------------------------------------
-    async def send_command(self, device: Device, command: dict[str, Any]) -> None:
-        """Publish a persistent JSON command to `commands.{device_id}` on `iiot`."""
-        session = self._session
-        if session is None:
-            raise BrokerUnavailable(f"RabbitMQ at {_safe_url(self._url)} is not connected")
-        message = aio_pika.Message(
-            json.dumps(command, separators=(",", ":")).encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={"device_id": str(device.id)},
-        )
-        try:
-            # Not mandatory: a device that has no queue bound yet simply misses it, as
-            # with any fire-and-forget AMQP publish.
-            await session.exchange.publish(
-                message,
-                routing_key=f"{COMMAND_PREFIX}{device.id}",
-                mandatory=False,
-                timeout=_BROKER_TIMEOUT_S,
-            )
-        except _AMQP_ERRORS as exc:
-            raise BrokerUnavailable(f"command to device {device.id} not published: {exc}") from exc

@@ -29,6 +29,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from iiot.adapters.coap_control import CoapControl
 from iiot.codec import Limits, parse_telemetry
 from iiot.errors import (
     AuthenticationError,
@@ -100,11 +101,14 @@ def _error(code: Any, diagnostic: str, **options: Any) -> aiocoap.Message:
 class _DeviceApi(resource.Resource, resource.PathCapable):  # type: ignore[misc]
     """Everything below `/api/v1/`: `{token}/telemetry` and `{token}/device`."""
 
-    def __init__(self, services: Services, is_open: Callable[[], bool]) -> None:
+    def __init__(
+        self, services: Services, is_open: Callable[[], bool], control: CoapControl | None = None
+    ) -> None:
         super().__init__()
         self._services = services
         self._is_open = is_open
         self._limits: Limits = services.ingestor.limits
+        self._control = control  # commands and attributes (coap_control)
 
     def get_link_description(self) -> None:
         """Hidden from Site's own listing: `well_known_links` describes it."""
@@ -116,6 +120,8 @@ class _DeviceApi(resource.Resource, resource.PathCapable):  # type: ignore[misc]
 
     async def render_to_pipe(self, pipe: Any) -> None:
         """Refuse oversize block-wise transfers early, reassemble Block1, then render."""
+        if self._control is not None and await self._control.render_to_pipe(pipe):
+            return
         request = pipe.request
         too_large = self._refuse_oversize(request)
         if too_large is not None:
@@ -215,13 +221,17 @@ class _DeviceApi(resource.Resource, resource.PathCapable):  # type: ignore[misc]
         )
 
 
-def build_site(services: Services, is_open: Callable[[], bool] = lambda: True) -> Any:
+def build_site(
+    services: Services,
+    is_open: Callable[[], bool] = lambda: True,
+    control: CoapControl | None = None,
+) -> Any:
     """The resource tree of the CoAP server."""
     site = resource.Site()
     site.add_resource(
         [".well-known", "core"], resource.WKCResource(well_known_links, impl_info=None)
     )
-    site.add_resource(["api", "v1"], _DeviceApi(services, is_open))
+    site.add_resource(["api", "v1"], _DeviceApi(services, is_open, control))
     return site
 
 
@@ -248,6 +258,7 @@ class CoapServer:
         self._context: Any = None
         self._open = False
         self._requests = _InFlight()
+        self._control = CoapControl(services, lambda: self._open)
 
     def describe(self) -> str:
         """Start-up log line."""
@@ -258,9 +269,12 @@ class CoapServer:
 
     async def __aenter__(self) -> Self:
         try:
-            _check_port_free(self._host, self._port)
+            if not self._services.settings.worker_index:  # workers share the port on purpose
+                _check_port_free(self._host, self._port)
             self._context = await aiocoap.Context.create_server_context(
-                _TrackingSite(build_site(self._services, lambda: self._open), self._requests),
+                _TrackingSite(
+                    build_site(self._services, lambda: self._open, self._control), self._requests
+                ),
                 bind=(self._host, self._port),
                 transports=["udp6"],  # UDP only: aiocoap's defaults would also open TCP/WS
                 loggername="iiot.coap.aiocoap",
@@ -272,6 +286,7 @@ class CoapServer:
                 f"IIOT_COAP_PORT={self._port}: cannot listen on UDP {self._host}:{self._port} "
                 f"({reason}); choose a free port, or 0 to turn CoAP off"
             ) from None
+        self._control.context = self._context
         self._open = True
         self._services.health.set(self.name, "up", f"udp {self._host}:{self._port}")
         return self

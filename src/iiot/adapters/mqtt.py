@@ -36,8 +36,8 @@ from uuid import UUID
 import mqtt5
 
 from iiot.adapters.mqtt_session import MqttError, MqttSession, Publish
-from iiot.errors import DeviceDisabled, InvalidPayload, NotFound, StorageUnavailable
-from iiot.model import Device
+from iiot.errors import DeviceDisabled, IIoTError, InvalidPayload, NotFound, StorageUnavailable
+from iiot.model import Device, DevicePoints
 from iiot.services import Services
 from iiot.supervisor import Backoff, cancel_and_wait
 
@@ -66,6 +66,8 @@ _KEEPALIVE_S = 30
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 1, 30
 _PROBE_TIMEOUT_S = 5.0
 _MAX_TOPICS = 200_000  # topics whose device id is remembered
+# Room beside the payload in a PUBLISH packet: fixed header, topic, packet id, properties.
+_PACKET_OVERHEAD = 4096
 
 
 def telemetry_topic(device_id: str) -> str:
@@ -175,6 +177,10 @@ class MqttAdapter:
             raise ValueError("MqttAdapter needs IIOT_MQTT_URL")
         self.url = _BrokerUrl(settings.mqtt_url)
         self.client_id = self.url.client_id or _default_client_id(services)
+        # Ingest workers: a stable session each in the group; worker 1 keeps the id of a
+        # single process, so going from one process to N workers leaves no session behind.
+        if settings.worker_index > 1:
+            self.client_id = f"{self.client_id}-w{settings.worker_index}"
         group = settings.mqtt_shared_group
         self.topic = f"$share/{group}/{TELEMETRY_FILTER}" if group else TELEMETRY_FILTER
         self.refusals = RefusalLog(log)
@@ -191,6 +197,7 @@ class MqttAdapter:
         self._closing = False
         self._down_logged = False
         self._probed = False
+        self.sessions = 0  # connections opened so far (1 + reconnections)
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -253,11 +260,14 @@ class MqttAdapter:
             keep_alive=_KEEPALIVE_S,
             session_expiry_interval=SESSION_EXPIRY_S,
             receive_max=RECEIVE_MAXIMUM,
+            # The broker drops (never sends) a message larger than this (MQTT v5 3.1.2.26).
+            max_packet_size=self.services.settings.max_message_bytes + _PACKET_OVERHEAD,
         )
         session, _ = await MqttSession.connect(
             url.host, url.port, connect, self._received, tls=self._tls
         )
         self._session = session
+        self.sessions += 1
         try:
             # Subscribing again is harmless when the session was resumed, and needed when not.
             granted = await session.subscribe(self.topic, qos=1)
@@ -359,12 +369,11 @@ class MqttAdapter:
         if message.duplicate:
             self.services.metrics.redeliveries.labels(PROTOCOL).inc()
         self._commits += 1
+        ingestor = self.services.ingestor
         try:
-            self.services.ingestor.ingest_nowait(
-                device,
-                message.payload,
-                PROTOCOL,
-                lambda error: self._committed(error, message, session),
+            item = ingestor.decode(device, message.payload, PROTOCOL)
+            ingestor.commit_nowait(
+                item, PROTOCOL, lambda error: self._committed(error, message, session, item)
             )
         except (InvalidPayload, DeviceDisabled) as exc:
             self._commits -= 1
@@ -372,9 +381,18 @@ class MqttAdapter:
             self._ack(message, session)
         except StorageUnavailable:  # shutting down: not acked, the broker redelivers it
             self._commits -= 1
+        except Exception as exc:  # a bug must not leave the message unsettled
+            self._commits -= 1
+            log.exception("MQTT message on %r could not be ingested", message.topic)
+            self.services.ingestor.refused(PROTOCOL, exc, counted=True)
+            self._ack(message, session)
 
     def _committed(
-        self, error: BaseException | None, message: Publish, session: MqttSession
+        self,
+        error: BaseException | None,
+        message: Publish,
+        session: MqttSession,
+        item: DevicePoints,
     ) -> None:
         self._commits -= 1
         if self._commits == 0 and self._closing:
@@ -384,42 +402,83 @@ class MqttAdapter:
         elif isinstance(error, StorageUnavailable):
             self.services.ingestor.refused(PROTOCOL, error, counted=True)
             if not session.closed.done() and not self._closing:
-                # Not acked: the broker keeps the message; retry here with backoff.
-                self._start(self._handle(message, session, retried=True))
-        else:  # refused for good by the store: not acked, logged like the slow path
+                # Not acked: the broker keeps the message; retry its points (stamped
+                # once) here with backoff.
+                self._start(self._retry(item, message, session))
+        else:  # refused for good by the store: settled (acked), logged like the slow path
             log.error("MQTT message on %r not stored: %s", message.topic, error)
+            self._ack(message, session)
 
     @staticmethod
     def _ack(message: Publish, session: MqttSession) -> None:
         # Only on the connection that delivered it: after a reconnect the broker sends
-        # it again, with the same or another packet id.
-        if message.packet_id is not None:  # QoS 1 (QoS 0 has no packet id)
-            session.ack(message.packet_id)
+        # it again, with the same or another packet id. QoS 0 messages are settled too:
+        # the session bounds what it holds, whatever the QoS.
+        session.settle(message)
 
-    async def _handle(self, message: Publish, session: MqttSession, retried: bool = False) -> None:
-        if message.duplicate and not retried:
+    async def _retry(self, item: DevicePoints, message: Publish, session: MqttSession) -> None:
+        """Commit a message's decoded points again after a storage outage, then ack."""
+        backoff = Backoff(initial_s=0.5, max_s=5.0)
+        while True:
+            await asyncio.sleep(backoff.next_delay())
+            if session.closed.done() or self._closing:
+                return  # connection gone: the broker redelivers the message
+            try:
+                await self.services.ingestor.commit(item, PROTOCOL)
+                break
+            except StorageUnavailable:
+                continue
+            except IIoTError as exc:  # refused for good by the store: settle it
+                log.error("MQTT message on %r not stored: %s", message.topic, exc)
+                break
+            except Exception:  # a bug must not leave the message unsettled
+                log.exception("MQTT message on %r could not be ingested", message.topic)
+                break
+        self._ack(message, session)
+
+    async def _handle(self, message: Publish, session: MqttSession) -> None:
+        if message.duplicate:
             self.services.metrics.redeliveries.labels(PROTOCOL).inc()
         backoff = Backoff(initial_s=0.5, max_s=5.0)
-        if retried:
-            await asyncio.sleep(backoff.next_delay())
         while True:
             try:
-                await self._ingest(message)
+                item = await self._decode(message)
+                break
+            except StorageUnavailable:  # the device could not be looked up
+                if session.closed.done() or self._closing:
+                    return  # connection gone: the broker redelivers the message
+                await asyncio.sleep(backoff.next_delay())
+            except Exception:  # a bug must not leave the message unsettled
+                log.exception("MQTT message on %r could not be ingested", message.topic)
+                self._ack(message, session)
+                return
+        if item is None:
+            self._ack(message, session)
+            return
+        while True:
+            try:
+                await self.services.ingestor.commit(item, PROTOCOL)
                 break
             except StorageUnavailable:
                 if session.closed.done() or self._closing:
                     return  # connection gone: the broker redelivers the message
                 # Not acked: the broker keeps the message; retry here with backoff.
                 await asyncio.sleep(backoff.next_delay())
+            except IIoTError as exc:  # refused for good by the store: settle it
+                log.error("MQTT message on %r not stored: %s", message.topic, exc)
+                break
+            except Exception:  # a bug must not leave the message unsettled
+                log.exception("MQTT message on %r could not be ingested", message.topic)
+                break
         self._ack(message, session)
 
-    async def _ingest(self, message: Publish) -> None:
-        """Ingest one message; refusals are counted and logged (and then acked)."""
+    async def _decode(self, message: Publish) -> DevicePoints | None:
+        """Decode one message; None when refused (counted and logged, then acked)."""
         services = self.services
         topic = message.topic
         parts = topic.split("/")
         if topic == PROBE_TOPIC:
-            return
+            return None
         device = None
         if len(parts) == 3 and parts[0] == "devices" and parts[2] == "telemetry":
             with contextlib.suppress(ValueError):
@@ -430,11 +489,12 @@ class MqttAdapter:
             services.metrics.messages_received.labels(PROTOCOL).inc()
             services.metrics.messages_refused.labels(PROTOCOL, "unknown_device").inc()
             self.refusals.note("unknown_device", f"message on {topic!r}: no such device")
-            return
+            return None
         try:
-            await services.ingestor.ingest(device, message.payload, PROTOCOL)
+            return services.ingestor.decode(device, message.payload, PROTOCOL)
         except (InvalidPayload, DeviceDisabled) as exc:
             self.refusals.note(type(exc).__name__, f"message on {topic!r} refused: {exc}")
+            return None
 
     # --- anonymous probe ---------------------------------------------------------------
     async def _probe_anonymous(self) -> None:

@@ -23,7 +23,7 @@ from iiot.adapters.mqtt_actions import Actions, MqttDeviceLink
 from iiot.adapters.mqtt_connection import PROTOCOL, MqttConnection
 from iiot.adapters.mqtt_sessions import SessionStore
 from iiot.adapters.mqtt_topics import route
-from iiot.errors import AuthenticationError, Conflict, NotFound
+from iiot.errors import AuthenticationError
 from iiot.model import Device
 from iiot.services import Services
 
@@ -274,7 +274,7 @@ class MqttServer:
         if child is None:
             gateway = conn.device
             assert gateway is not None
-            child = await find_or_create_child(self.services, gateway, name)
+            child = await self.services.identity.child(gateway, name)
             children[name] = child
             if len(children) > 100_000:
                 del children[next(iter(children))]
@@ -317,34 +317,3 @@ class MqttServer:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-async def find_or_create_child(services: Services, gateway: Device, name: str) -> Device:
-    """The device named `name` in the gateway's tenant, created (linked to it) when missing.
-
-    Stands in for a registry call until the store links children to their gateway.
-    """
-    found = await _find_by_name(services, gateway, name)
-    if found is not None:
-        return found
-    try:
-        device, _token = await services.registry.create_device(gateway.tenant_id, name)
-    except Conflict:  # created at the same moment by another connection
-        found = await _find_by_name(services, gateway, name)
-        if found is None:
-            raise NotFound(f"device {name!r}") from None
-        return found
-    return device
-
-
-async def _find_by_name(services: Services, gateway: Device, name: str) -> Device | None:
-    store = services.store
-    offset = 0
-    while True:
-        page = await store.list_devices(gateway.tenant_id, 500, offset)
-        for device in page.items:
-            if device.name == name:
-                return device
-        offset += len(page.items)
-        if not page.items or offset >= page.total:
-            return None

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 Publish = mqtt5.PublishPacket
 _ACK_TIMEOUT_S = 10.0  # CONNACK, SUBACK, PUBACK of our own publish
+# Messages read but not yet settled, in count and payload bytes: above either, the session
+# stops reading from the socket until settlements bring it back below half. QoS 0 messages
+# count too (the broker's Receive Maximum only bounds QoS 1), so the worst case in memory
+# is these bounds plus one socket read, not 20,000 x 256 KiB.
+MAX_HELD_MESSAGES = 20_000
+MAX_HELD_BYTES = 64 * 1024 * 1024
 
 
 class MqttError(Exception):
@@ -40,8 +46,15 @@ class MqttSession(asyncio.Protocol):
     """A connection to an MQTT v5 broker; `on_publish(session, packet)` is called for every
     PUBLISH (from the first one after CONNACK, which may come before `connect` returns)."""
 
-    def __init__(self, on_publish: Callable[[MqttSession, Publish], None]) -> None:
+    def __init__(
+        self, on_publish: Callable[[MqttSession, Publish], None], max_packet_size: int = 0
+    ) -> None:
         self._on_publish = on_publish
+        self.max_packet_size = max_packet_size  # 0: no limit
+        self.held = 0  # messages read, not yet settled
+        self.held_bytes = 0
+        self.paused = False  # reading from the socket is paused (too much held)
+        self.pauses = 0  # times reading was paused
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._acks: list[bytes] = []
@@ -67,9 +80,13 @@ class MqttSession(asyncio.Protocol):
         tls: ssl.SSLContext | None = None,
         timeout_s: float = _ACK_TIMEOUT_S,
     ) -> tuple[Self, mqtt5.ConnAckPacket]:
-        """Open a connection and send `connect`; raises `MqttError` or `OSError`."""
+        """Open a connection and send `connect`; raises `MqttError` or `OSError`.
+
+        The CONNECT's Maximum Packet Size (if set) is enforced here too: a packet announced
+        larger ends the connection before its bytes are buffered.
+        """
         loop = asyncio.get_running_loop()
-        session = cls(on_publish)
+        session = cls(on_publish, connect.max_packet_size or 0)
         session._connack = loop.create_future()
         await asyncio.wait_for(
             loop.create_connection(
@@ -127,6 +144,21 @@ class MqttSession(asyncio.Protocol):
         puback: mqtt5.PubAckPacket = await self._wait(reply, "PUBACK")
         return puback.reason_code
 
+    def settle(self, packet: Publish) -> None:
+        """Done with a received message: acknowledge it (QoS 1) and release its place."""
+        if packet.packet_id is not None:
+            self.ack(packet.packet_id)
+        self.held -= 1
+        self.held_bytes -= len(packet.payload)
+        if (
+            self.paused
+            and self.held <= MAX_HELD_MESSAGES // 2
+            and self.held_bytes <= MAX_HELD_BYTES // 2
+        ):
+            self.paused = False
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
+
     def ack(self, packet_id: int) -> None:
         """Acknowledge a QoS 1 PUBLISH. Acks are sent in the order of these calls, all
         those of one event-loop iteration in one write."""
@@ -160,7 +192,16 @@ class MqttSession(asyncio.Protocol):
                     break
                 used += size
                 if type(packet) is publish_type:
-                    on_publish(self, packet)
+                    self.held += 1
+                    self.held_bytes += len(packet.payload)
+                    try:
+                        on_publish(self, packet)
+                    except Exception:
+                        # The handler's failure, not the broker's: settle this one
+                        # message instead of dropping the connection (which would only
+                        # bring the same message back, again and again).
+                        log.exception("MQTT: handling a message on %r failed", packet.topic)
+                        self.settle(packet)
                 else:
                     self._control(packet)
         except ValueError as exc:
@@ -171,6 +212,15 @@ class MqttSession(asyncio.Protocol):
         view.release()
         del buffer[:used]
         self._pong_due = False  # anything from the broker shows it is alive
+        if buffer and self.max_packet_size and len(buffer) > self.max_packet_size:
+            # A packet larger than we announced we accept: a broker bug or not a broker.
+            self.abort(f"packet over the maximum size of {self.max_packet_size} bytes")
+            return
+        if not self.paused and (self.held > MAX_HELD_MESSAGES or self.held_bytes > MAX_HELD_BYTES):
+            self.paused = True
+            self.pauses += 1
+            if self._transport is not None:
+                self._transport.pause_reading()
 
     # --- internals -----------------------------------------------------------------------
     def _control(self, packet: Any) -> None:
@@ -206,7 +256,9 @@ class MqttSession(asyncio.Protocol):
         return reply
 
     async def _wait(self, reply: asyncio.Future[Any], what: str) -> Any:
-        done, _ = await asyncio.wait({reply, self.closed}, timeout=_ACK_TIMEOUT_S)
+        done, _ = await asyncio.wait(
+            {reply, self.closed}, timeout=_ACK_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
         if reply in done:
             return reply.result()
         if self.closed.done():

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import unicodedata
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
 
 from asyncua import ua as _ua
@@ -20,14 +20,20 @@ from asyncua import ua as _ua
 from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import CURRENT_USER, NodeOwners, TenantInternalServer
 from iiot.adapters.opcua_auth import PlatformUserManager
+from iiot.adapters.opcua_commands import CommandNodes
 from iiot.adapters.opcua_history import StoreHistory
+from iiot.adapters.opcua_live import PUBLISH_INTERVAL_S
 from iiot.adapters.opcua_pki import APPLICATION_URI, Pki
 from iiot.adapters.opcua_space import AddressSpaceSync, MethodCallback
 from iiot.adapters.opcua_transport import PlatformServer
 from iiot.bus import LiveEvent
+from iiot.control.rules import CommandRequest
 from iiot.errors import ConfigError, NotFound, StorageUnavailable
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait
+
+if TYPE_CHECKING:
+    from iiot.adapters.opcua_alarms import OpcUaAlarms
 
 __all__ = ["NAMESPACE_URI", "OpcUaServer"]
 
@@ -57,7 +63,10 @@ class OpcUaServer:
         self._sync: AddressSpaceSync | None = None
         self._queue: asyncio.Queue[LiveEvent] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
         self._ns = -1
+        self._control: CommandNodes | None = None  # SendCommand and attribute nodes
+        self._alarms: OpcUaAlarms | None = None
 
     @property
     def endpoint(self) -> str:
@@ -121,6 +130,13 @@ class OpcUaServer:
             server, self._ns, services.store, owners, self._set_status_for
         )
         await self._sync.build()
+        self._control = CommandNodes(server, self._ns, services)
+        await self._control.build()
+        if services.alarms is not None:
+            from iiot.adapters.opcua_alarms import OpcUaAlarms
+
+            self._alarms = OpcUaAlarms(server, self._ns, services)
+            await self._alarms.start()
         try:
             await server.start()
         except OSError as exc:
@@ -129,10 +145,16 @@ class OpcUaServer:
             ) from None
         self._started = True
         self._task = asyncio.create_task(self._follow(self._queue, self._sync), name="opcua-sync")
+        self._publisher = asyncio.create_task(self._publish(self._sync), name="opcua-publish")
         services.health.set(self.name, "up", f"listening on {self._host}:{self._port}")
         services.metrics.component_up.labels(self.name).set(1)
 
     async def _stop(self) -> None:
+        await cancel_and_wait(self._publisher)
+        self._publisher = None
+        if self._alarms is not None:
+            await self._alarms.stop()
+            self._alarms = None
         await cancel_and_wait(self._task)
         self._task = None
         if self._queue is not None:
@@ -149,10 +171,21 @@ class OpcUaServer:
             event = await queue.get()
             try:
                 await sync.apply(event)
+                if self._control is not None:
+                    await self._control.apply(event)
             except StorageUnavailable:
                 log.warning("OPC UA: database unavailable while applying a live event; skipped")
             except Exception:  # one bad event must not stop live values for every client
                 log.exception("OPC UA: cannot apply live event %r", type(event).__name__)
+
+    async def _publish(self, sync: AddressSpaceSync) -> None:
+        """Once per publishing interval, notify subscriptions of the values that changed."""
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            try:
+                await sync.publish()
+            except Exception:  # keep publishing: the next interval may succeed
+                log.exception("OPC UA: cannot publish live values")
 
     def _locate(self, nodeid: ua.NodeId) -> tuple[UUID, str] | None:
         return ids.parse_telemetry_node(self._ns, nodeid)
@@ -185,8 +218,12 @@ class OpcUaServer:
             return ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown)
         except StorageUnavailable:
             return ua.StatusCode(ua.StatusCodes.BadResourceUnavailable)
+        # The device hears of it as a persistent one-way command (delivered when it listens).
         await self._services.commands.send(
-            device, {"method": "SetStatus", "params": {"status": status}}
+            None,
+            device,
+            CommandRequest("SetStatus", {"status": status}, oneway=True, persistent=True),
+            None,
         )
         log.info("OPC UA: %s set status of device %s to %r", user.name, device_id, status)
         return []

@@ -1,10 +1,10 @@
 """The OPC UA address space of the platform: `Objects/Tenants/{tenant}/{device}/...`.
 
-Built once from the store at start, then kept up to date from the live bus: telemetry writes
-the variables' values (SourceTimestamp = the point's ts), new keys become new variables,
-device and tenant changes rename, re-status or delete nodes. Nodes are added in batches through
-asyncua's internal session and values written straight into its address space, which is
-the cheapest path asyncua offers (and still notifies subscriptions).
+Built once from the store at start, then kept up to date from the live bus: telemetry sets
+the variables' latest values (SourceTimestamp = the point's ts; coalesced, see
+`opcua_live`), new keys become new variables, device and tenant changes rename, re-status or
+delete nodes. Nodes are added in batches through asyncua's internal session and values
+written straight into its address space, the cheapest path asyncua offers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from asyncua.server.server import Server
 
 from iiot.adapters import opcua_ids as ids
 from iiot.adapters.opcua_access import NodeOwners
-from iiot.adapters.opcua_history import from_ms, variant_of
+from iiot.adapters.opcua_live import LiveVariable, variant_type
 from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent, TenantEvent
 from iiot.errors import NotFound
 from iiot.model import Device, Point, Tenant
@@ -45,7 +45,7 @@ class _DeviceState:
     tenant_id: UUID
     name: str
     status: str
-    keys: dict[str, tuple[ua.VariantType, int]] = field(default_factory=dict)  # type, last ts
+    keys: dict[str, LiveVariable] = field(default_factory=dict)
 
 
 class AddressSpaceSync:
@@ -67,6 +67,7 @@ class AddressSpaceSync:
         self._set_status = set_status
         self._tenants: set[UUID] = set()
         self._devices: dict[UUID, _DeviceState] = {}
+        self._changed: list[LiveVariable] = []  # newer values since the last publish
         self.folder = ua.NodeId(ids.TENANTS_FOLDER, ns)
 
     def device_tenant(self, device_id: UUID) -> UUID | None:
@@ -106,7 +107,8 @@ class AddressSpaceSync:
                     latest = await self._store.latest(None, device.id)
                 except NotFound:
                     continue  # deleted meanwhile; its event will follow
-                await self._write_points(device.id, latest.values())
+                new = self._offer(self._devices[device.id], latest.values())
+                await self._add_variables(device.id, self._devices[device.id], new)
             offset += len(devices.items)
             if not devices.items or offset >= devices.total:
                 break
@@ -115,9 +117,18 @@ class AddressSpaceSync:
     async def apply(self, event: LiveEvent) -> None:
         """Bring the address space in line with one live event."""
         if isinstance(event, TelemetryEvent):
+            devices = self._devices
             for item in event.batch:
-                if item.points and await self._ensure_device(item.device):
-                    await self._write_points(item.device.id, item.points)
+                if not item.points:
+                    continue
+                state = devices.get(item.device.id)
+                if state is None:
+                    if not await self._ensure_device(item.device):
+                        continue
+                    state = devices[item.device.id]
+                new = self._offer(state, item.points)
+                if new:
+                    await self._add_variables(item.device.id, state, new)
             return
         if isinstance(event, TenantEvent):
             if event.kind == "deleted":
@@ -248,6 +259,8 @@ class AddressSpaceSync:
         if state is None:
             return
         ns = self._ns
+        for variable in state.keys.values():
+            variable.attval = None  # a pending publish skips it
         nodes = [ids.telemetry_node(ns, device_id, key) for key in state.keys]
         nodes += [
             ids.args_node(ns, device_id),
@@ -261,61 +274,83 @@ class AddressSpaceSync:
         await self._session.delete_nodes(params)
         self._owners.device_tenants.pop(device_id, None)
 
-    async def _write_points(self, device_id: UUID, points: Iterable[Point]) -> None:
-        """Write each key's newest point; create variables for keys seen the first time."""
-        state = self._devices.get(device_id)
-        if state is None:
-            return
-        newest: dict[str, Point] = {}
-        for point in points:
-            seen = newest.get(point.key)
-            if seen is None or point.ts >= seen.ts:
-                newest[point.key] = point
-        new_nodes: list[ua.AddNodesItem] = []
-        initial: list[tuple[ua.NodeId, ua.DataValue]] = []
-        obj = ids.device_node(self._ns, device_id)
-        for key, point in newest.items():
-            variant = variant_of(point.value)
-            known = state.keys.get(key)
-            nodeid = ids.telemetry_node(self._ns, device_id, key)
-            value = ua.DataValue(
-                Value=variant,
-                SourceTimestamp=from_ms(point.ts),
-                ServerTimestamp=datetime.datetime.now(datetime.UTC),
-            )
-            if known is None:
-                new_nodes.append(
-                    _variable(nodeid, key, self._ns, obj, value, _READ_HISTORY, historizing=True)
-                )
-                initial.append((nodeid, value))
-                state.keys[key] = (variant.VariantType, point.ts)
-                continue
-            if point.ts < known[1]:
-                continue  # an older point arrived late: the variable keeps the latest value
-            if variant.VariantType != known[0]:
-                await self._retype(nodeid, variant.VariantType, value)
-            await self._write(nodeid, value)
-            state.keys[key] = (variant.VariantType, point.ts)
-        if new_nodes:
-            await self._add(new_nodes)
-            for nodeid, value in initial:  # AddNodes keeps no source timestamp
-                await self._write(nodeid, value)
+    def _offer(self, state: _DeviceState, points: Iterable[Point]) -> dict[str, Point]:
+        """Keep each variable's newest point; return the newest of keys seen the first time.
 
-    async def _retype(self, nodeid: ua.NodeId, vtype: ua.VariantType, value: ua.DataValue) -> None:
-        # asyncua refuses a value whose type differs from the current one; a bad-status
-        # write resets the value to null, after which the new DataType applies.
-        await self._write(
-            nodeid,
-            ua.Variant(ua.NodeId(vtype.value), ua.VariantType.NodeId),
-            ua.AttributeIds.DataType,
-        )
-        await self._write(
-            nodeid,
-            ua.DataValue(
-                StatusCode=ua.StatusCode(ua.StatusCodes.BadTypeMismatch),
-                SourceTimestamp=value.SourceTimestamp,
-            ),
-        )
+        This runs for every committed point, so it does no more than compare timestamps.
+        """
+        keys, changed = state.keys, self._changed
+        new: dict[str, Point] = {}
+        for point in points:
+            variable = keys.get(point.key)
+            if variable is None:
+                seen = new.get(point.key)
+                if seen is None or point.ts >= seen.ts:
+                    new[point.key] = point
+            elif point.ts >= variable.point.ts:  # else an older point arrived late
+                variable.point = point
+                if not variable.changed:
+                    variable.changed = True
+                    changed.append(variable)
+        return new
+
+    async def _add_variables(
+        self, device_id: UUID, state: _DeviceState, points: dict[str, Point]
+    ) -> None:
+        """Create the variables of keys seen the first time, served from their newest point."""
+        if not points:
+            return
+        obj = ids.device_node(self._ns, device_id)
+        created: list[LiveVariable] = []
+        items: list[ua.AddNodesItem] = []
+        for key, point in points.items():
+            variable = LiveVariable(ids.telemetry_node(self._ns, device_id, key), point)
+            items.append(
+                _variable(
+                    variable.nodeid,
+                    key,
+                    self._ns,
+                    obj,
+                    variable.data_value(),
+                    _READ_HISTORY,
+                    historizing=True,
+                )
+            )
+            state.keys[key] = variable
+            created.append(variable)
+        await self._add(items)
+        aspace = self._server.iserver.aspace
+        for variable in created:
+            node = aspace.get(variable.nodeid)
+            if node is not None:
+                variable.attach(node.attributes[ua.AttributeIds.Value])
+
+    async def publish(self) -> int:
+        """Write the changed values of watched variables (notifying their subscriptions).
+
+        Unwatched variables need no write: reads get their newest point from the read
+        callback. Returns how many variables were written.
+        """
+        changed, self._changed = self._changed, []
+        written = 0
+        for variable in changed:
+            variable.changed = False
+            if variable.attval is None:
+                continue  # removed meanwhile
+            vtype = variant_type(variable.point.value)
+            if vtype != variable.vtype:  # a key that changed type: its DataType follows
+                await self._write(
+                    variable.nodeid,
+                    ua.Variant(ua.NodeId(vtype.value), ua.VariantType.NodeId),
+                    ua.AttributeIds.DataType,
+                )
+                variable.vtype = vtype
+            if variable.watched:
+                attval = variable.attval
+                await self._write(variable.nodeid, variable.data_value())
+                variable.attach(attval)  # the write stored a value: serve it lazily again
+                written += 1
+        return written
 
     async def _write(
         self,

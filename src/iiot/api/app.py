@@ -11,7 +11,21 @@ from iiot import __version__
 from iiot.api.deps import ApiState
 from iiot.api.errors import install_error_handlers
 from iiot.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from iiot.api.routes import auth, device_http, devices, health, telemetry, tenants, users
+from iiot.api.routes import alarms as alarm_routes
+from iiot.api.routes import (
+    attributes,
+    auth,
+    commands,
+    device_control,
+    device_http,
+    devices,
+    health,
+    telemetry,
+    tenants,
+    users,
+)
+from iiot.api.routes import rules as rule_routes
+from iiot.api.routes import webhooks as webhook_routes
 from iiot.security import LoginThrottle, TokenSigner, load_jwt_secret
 from iiot.services import Services
 
@@ -43,6 +57,15 @@ def create_api(services: Services) -> FastAPI:
     )
     install_error_handlers(api)
     for module in (auth, tenants, users, devices, telemetry, device_http, health):
+        api.include_router(module.router)
+    for module in (
+        commands,  # device control (RPC, attributes)
+        attributes,
+        device_control,
+        alarm_routes,
+        rule_routes,
+        webhook_routes,
+    ):
         api.include_router(module.router)
     api.add_middleware(BodyLimitMiddleware, max_bytes=MAX_MANAGEMENT_BODY_BYTES)
     # Added last, so it is outermost: it also times the requests the body limit refuses.

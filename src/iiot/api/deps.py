@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from iiot.errors import AuthenticationError, InvalidRequest, NotFound, PermissionDenied
 from iiot.model import Role, User
-from iiot.security import LoginThrottle, TokenSigner
+from iiot.security import LoginThrottle, TokenSigner, is_disabled_hash
 from iiot.services import Services
 from iiot.storage.base import Scope
 
@@ -109,6 +109,12 @@ async def authorize(
         user = await services.store.get_user(None, claims.user_id)
     except NotFound:
         raise AuthenticationError("the user of this access token no longer exists") from None
+    if claims.version != user.token_version:
+        raise AuthenticationError(
+            "access token no longer valid (password or role changed): log in again"
+        )
+    if is_disabled_hash(user.password_hash):
+        raise AuthenticationError("the user of this access token is disabled")
     if user.role is Role.TENANT_USER and request.method not in SAFE_METHODS:
         raise PermissionDenied("a tenant_user has read-only access")
     return Principal(user)

@@ -27,6 +27,7 @@ from iiot.errors import (
     PermissionDenied,
     StorageUnavailable,
 )
+from iiot.redact import redact_path
 from iiot.security import TooManyAttempts
 
 __all__ = ["STATUS_OF", "install_error_handlers", "validation_detail"]
@@ -69,7 +70,12 @@ async def _platform_error(request: Request, exc: Exception) -> JSONResponse:
     ):
         headers["WWW-Authenticate"] = "Bearer"
     if status == 500:
-        log.error("unmapped platform error on %s %s: %r", request.method, request.url.path, exc)
+        log.error(
+            "unmapped platform error on %s %s: %r",
+            request.method,
+            redact_path(request.url.path),
+            exc,
+        )
         return _error(500, "internal error")
     return _error(status, str(exc) or type(exc).__name__, headers)
 
@@ -112,7 +118,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Last resort only: every expected failure has a mapping above.
-    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    path = redact_path(request.url.path)
+    log.error("internal error on %s %s", request.method, path, exc_info=exc)
     return _error(500, "internal error")
 
 

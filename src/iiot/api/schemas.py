@@ -6,6 +6,7 @@ route does not take is an error, never silently stored.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -15,7 +16,8 @@ from iiot.model import Device, Role, Tenant, User
 from iiot.security import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
 
 __all__ = [
-    "CommandResult",
+    "CertificateIn",
+    "CertificateOut",
     "DeviceCreate",
     "DeviceOut",
     "DevicePage",
@@ -78,6 +80,10 @@ Status = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(clean
 RetentionDays = Annotated[int, Field(ge=1, le=MAX_RETENTION_DAYS)]
 
 _IN = ConfigDict(extra="forbid")
+DeviceType = Annotated[
+    str,
+    Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$"),
+]
 
 
 class ErrorOut(BaseModel):
@@ -200,14 +206,16 @@ class DeviceCreate(BaseModel):
     model_config = _IN
     name: Name
     tenant_id: UUID | None = None
+    type: DeviceType = "default"
 
 
 class DevicePatch(BaseModel):
-    """A new name and/or status (`disabled` refuses the device's data)."""
+    """A new name, status (`disabled` refuses the device's data) and/or type."""
 
     model_config = _IN
     name: Name | None = None
     status: Status | None = None
+    type: DeviceType | None = None
 
 
 class DeviceOut(BaseModel):
@@ -218,16 +226,29 @@ class DeviceOut(BaseModel):
     name: str
     status: str
     created_at: int
+    type: str = Field(description='what kind of device; "gateway" feeds child devices')
+    gateway_id: UUID | None = Field(description="the gateway that feeds this device, if any")
+    connected: bool = Field(
+        description="an MQTT connection, HTTP long poll or CoAP observation is open"
+    )
+    last_seen: int | None = Field(description="Unix ms of the device's last message")
+    active: bool = Field(description="heard from within IIOT_INACTIVITY_TIMEOUT_S")
 
     @classmethod
-    def of(cls, device: Device) -> DeviceOut:
-        """From the domain type."""
+    def of(cls, device: Device, inactivity_timeout_s: int = 600) -> DeviceOut:
+        """From the domain type (`active` as of now)."""
+        now_ms = int(time.time() * 1000)
         return cls(
             id=device.id,
             tenant_id=device.tenant_id,
             name=device.name,
             status=device.status,
             created_at=device.created_at,
+            type=device.type,
+            gateway_id=device.gateway_id,
+            connected=device.connected,
+            last_seen=device.last_seen,
+            active=device.active(now_ms, inactivity_timeout_s),
         )
 
 
@@ -237,9 +258,25 @@ class DeviceWithToken(DeviceOut):
     token: str
 
     @classmethod
-    def with_token(cls, device: Device, token: str) -> DeviceWithToken:
+    def with_token(
+        cls, device: Device, token: str, inactivity_timeout_s: int = 600
+    ) -> DeviceWithToken:
         """From the domain type and the clear token."""
-        return cls(**DeviceOut.of(device).model_dump(), token=token)
+        return cls(**DeviceOut.of(device, inactivity_timeout_s).model_dump(), token=token)
+
+
+class CertificateIn(BaseModel):
+    """A device's X.509 client certificate (PEM); only its SHA-256 fingerprint is kept."""
+
+    model_config = _IN
+    pem: str = Field(min_length=1, max_length=65_536)
+
+
+class CertificateOut(BaseModel):
+    """The registered certificate's fingerprint (hex SHA-256 of its DER form)."""
+
+    device_id: UUID
+    fingerprint: str
 
 
 class DevicePage(BaseModel):
@@ -247,12 +284,6 @@ class DevicePage(BaseModel):
 
     items: list[DeviceOut]
     total: int
-
-
-class CommandResult(BaseModel):
-    """The transports that accepted the command for delivery."""
-
-    delivered: list[str]
 
 
 # --- telemetry ----------------------------------------------------------------------------

@@ -10,9 +10,18 @@ from iiot.storage.base import Page, Scope, Store, TelemetryQuery
 __all__ = ["Page", "Scope", "Store", "TelemetryQuery", "open_store"]
 
 
-def open_store(url: str) -> Store:
-    """The store for `sqlite:///path` or `postgresql://...` (not yet entered: use `async with`)."""
+def open_store(url: str, *, read_url: str | None = None) -> Store:
+    """The store for `sqlite:///path` or `postgresql://...` (not yet entered: use `async with`).
+
+    `read_url`, PostgreSQL only, is a read replica that answers queries (telemetry, latest
+    values, lists); unset, the primary answers them on connections of their own.
+    """
     scheme = urlsplit(url).scheme
+    if read_url and scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            "IIOT_DATABASE_READ_URL is set, but a read replica needs a PostgreSQL"
+            " IIOT_DATABASE_URL (SQLite reads have their own connection already)"
+        )
     # Imported lazily: an SQLite deployment never loads asyncpg, and the reverse.
     if scheme == "sqlite":
         # sqlite:///relative/file.db and sqlite:////absolute/file.db (SQLAlchemy's convention).
@@ -27,7 +36,7 @@ def open_store(url: str) -> Store:
     if scheme in ("postgresql", "postgres"):
         from iiot.storage.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, read_url=read_url)
     raise ConfigError(
         f"IIOT_DATABASE_URL={_redact(url)!r} is not valid: "
         "expected sqlite:///path or postgresql://user@host[:port]/db"

@@ -8,14 +8,17 @@ happens here, in storage, never in route handlers. An object outside the scope r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, Self, TypeVar
 from uuid import UUID
 
 from iiot.model import Device, DevicePoints, Point, Role, Scalar, Tenant, User
 
-__all__ = ["Page", "Scope", "Store", "TelemetryQuery"]
+if TYPE_CHECKING:
+    from iiot.storage.control import ControlStore
+
+__all__ = ["DeviceFilter", "Page", "Scope", "Store", "TelemetryQuery"]
 
 Scope = UUID | None
 T = TypeVar("T")
@@ -40,10 +43,31 @@ class TelemetryQuery:
     order: Literal["asc", "desc"] = "asc"
     agg: Literal["none", "avg", "min", "max", "sum", "count"] = "none"
     interval_ms: int = 0  # bucket width when agg != "none"; buckets start at multiples of it
+    # At most this many points in the answer (keys x limit, or x buckets for aggregates);
+    # None: no cap. A query that could return more is refused with `InvalidRequest`.
+    max_points: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFilter:
+    """Which devices a list holds (every field optional; all given ones must match)."""
+
+    search: str | None = None  # part of the name, any case
+    type: str | None = None
+    status: str | None = None
+    connected: bool | None = None
+    seen_since: int | None = None  # active: last_seen at or after this Unix ms
+    not_seen_since: int | None = None  # inactive: never seen, or last seen before this
+    gateway_id: UUID | None = None  # children of this gateway
 
 
 class Store(Protocol):
     """Persistent storage of tenants, users, devices and telemetry."""
+
+    @property
+    def control(self) -> ControlStore:
+        """Commands and attributes (`storage/control.py`)."""
+        ...
 
     async def __aenter__(self) -> Self:
         """Connect and apply schema migrations."""
@@ -125,8 +149,36 @@ class Store(Protocol):
         ...
 
     # --- devices -----------------------------------------------------------------------
-    async def create_device(self, tenant_id: UUID, name: str, token_hash: str) -> Device:
+    async def create_device(
+        self,
+        tenant_id: UUID,
+        name: str,
+        token_hash: str,
+        *,
+        type: str = "default",
+        gateway_id: UUID | None = None,
+    ) -> Device:
         """Create an `active` device; `Conflict` if the name is taken in the tenant."""
+        ...
+
+    async def find_device_by_name(self, tenant_id: UUID, name: str) -> Device | None:
+        """The tenant's device of this name (a gateway's children are found by name)."""
+        ...
+
+    async def find_device_by_certificate(self, fingerprint: str) -> Device | None:
+        """The device whose registered client certificate has this SHA-256 fingerprint."""
+        ...
+
+    async def set_device_certificate(
+        self, scope: Scope, device_id: UUID, fingerprint: str | None
+    ) -> Device:
+        """Register (or, with None, remove) a device's client certificate fingerprint."""
+        ...
+
+    async def record_presence(
+        self, last_seen: Mapping[UUID, int], connected: Mapping[UUID, bool]
+    ) -> None:
+        """Batched presence: last message times (never moved back) and connection states."""
         ...
 
     async def get_device(self, scope: Scope, device_id: UUID) -> Device:
@@ -137,8 +189,10 @@ class Store(Protocol):
         """The device whose token hashes to this value (not scoped: the token is the proof)."""
         ...
 
-    async def list_devices(self, scope: Scope, limit: int, offset: int) -> Page[Device]:
-        """Devices visible in the scope, by name."""
+    async def list_devices(
+        self, scope: Scope, limit: int, offset: int, filters: DeviceFilter | None = None
+    ) -> Page[Device]:
+        """Devices visible in the scope (and matching the filter), by name."""
         ...
 
     async def update_device(
@@ -148,8 +202,9 @@ class Store(Protocol):
         *,
         name: str | None = None,
         status: str | None = None,
+        type: str | None = None,
     ) -> Device:
-        """Rename a device or change its status."""
+        """Rename a device, change its status or its type."""
         ...
 
     async def set_device_token_hash(self, scope: Scope, device_id: UUID, token_hash: str) -> None:

@@ -22,9 +22,10 @@ import asyncpg
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common, pg_latest
-from iiot.storage.base import Page, Scope
-
-# Helpers that moved with the telemetry code, still at hand for the methods here.
+from iiot.storage.base import DeviceFilter, Page, Scope
+from iiot.storage.control_pg import PgControlStore
+from iiot.storage.device_filters import device_where
+from iiot.storage.postgres_devices import DEVICE_COLS, PostgresDevices, device_from_row
 from iiot.storage.postgres_mqtt_sessions import PostgresMqttSessions
 from iiot.storage.postgres_pool import (
     _RETRY_ONCE,
@@ -33,6 +34,10 @@ from iiot.storage.postgres_pool import (
     _describe,
     _reset_connection,
 )
+
+# Helpers that moved with the telemetry code, still at hand for the methods here.
+from iiot.storage.postgres_purge import queue_purges
+from iiot.storage.postgres_reads import DEFAULT_QUERY_TIMEOUT_S, open_read_pool, query_too_long
 from iiot.storage.postgres_telemetry import (  # noqa: F401
     _VALUE_COLS,
     PG_CURRENT_LATEST,
@@ -52,8 +57,8 @@ T = TypeVar("T")
 _MIGRATION_LOCK = 7_402_315_001
 
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
-_DEVICE_COLS = "id, tenant_id, name, status, created_at"
+_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
+_DEVICE_COLS = DEVICE_COLS
 
 
 def _tenant(row: Any) -> Tenant:
@@ -68,14 +73,14 @@ def _user(row: Any) -> User:
         tenant_id=row["tenant_id"],
         password_hash=row["password_hash"],
         created_at=row["created_at"],
+        token_version=row["token_version"],
     )
 
 
-def _device(row: Any) -> Device:
-    return Device(row["id"], row["tenant_id"], row["name"], row["status"], row["created_at"])
+_device = device_from_row
 
 
-class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
+class PostgresStore(PostgresTelemetry, PostgresDevices, PostgresMqttSessions):
     """The `Store` on PostgreSQL (asyncpg pool); reusable, not reentrant."""
 
     def __init__(
@@ -85,6 +90,8 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 5.0,
+        read_url: str | None = None,
+        query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
     ) -> None:
         """Remember the settings; nothing connects before `__aenter__`."""
         # asyncpg understands postgresql:// and postgres:// alike.
@@ -97,6 +104,11 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
         # Devices known to exist, valid while the count of deletions stays the same.
         self._alive: set[UUID] = set()
         self._deletions_seen: int | None = None
+        # Queries: a pool of their own (postgres_reads), on a replica when one is given.
+        self._read_url = read_url or url
+        self._query_timeout_s = query_timeout_s
+        self._read_pool: Any = None
+        self.control = PgControlStore(self._run)  # commands and attributes
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -120,6 +132,13 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
             ) from exc
         try:
             await self._run(self._migrate, retry=False)
+            self._read_pool = await open_read_pool(
+                self._read_url,
+                max_size=self._max_size,
+                timeout_s=self._query_timeout_s,
+                connect_timeout=self._connect_timeout,
+            )
+            await self._start_background()
         except BaseException:
             await self._close()
             raise
@@ -133,14 +152,18 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
         await self._close()
 
     async def _close(self) -> None:
+        await self._stop_background()
         if self._pool is not None:
             await self._latest.close()
+        read_pool, self._read_pool = self._read_pool, None
         pool, self._pool = self._pool, None
-        if pool is not None:
+        for closing in (read_pool, pool):
+            if closing is None:
+                continue
             try:
-                await asyncio.wait_for(pool.close(), timeout=10)
+                await asyncio.wait_for(closing.close(), timeout=10)
             except TimeoutError:
-                pool.terminate()
+                closing.terminate()
 
     async def _migrate(self, conn: Any) -> None:
         async with conn.transaction():
@@ -164,18 +187,22 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
                     _common.now_ms(),
                 )
 
-    async def _run(self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
+    async def _run(
+        self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True, read: bool = False
+    ) -> T:
         """Run `op` on a pooled connection; connection failures become `StorageUnavailable`.
 
         With `retry`, an operation that failed on a connection that broke while idle is
-        run once more on a fresh one; only idempotent operations may ask for this.
+        run once more on a fresh one; only idempotent operations may ask for this. With
+        `read`, a read-only `op` runs on the queries' pool (postgres_reads).
         """
         if self._pool is None:
             raise RuntimeError("PostgresStore is not open (use `async with`)")
+        pool = self._read_pool if read and self._read_pool is not None else self._pool
         attempts = 2 if retry else 1
         for attempt in range(1, attempts + 1):
             try:
-                async with self._pool.acquire() as conn:
+                async with pool.acquire() as conn:
                     try:
                         return await op(conn)
                     except _UNAVAILABLE:
@@ -184,8 +211,12 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
                         # failover): replace them all on their next use.
                         with contextlib.suppress(asyncpg.InterfaceError):
                             conn.terminate()  # unless the pool already took it back
-                        await self._pool.expire_connections()
+                        await pool.expire_connections()
                         raise
+            except asyncpg.QueryCanceledError as exc:
+                if pool is self._read_pool:  # the statement timeout of queries
+                    raise query_too_long(self._query_timeout_s) from exc
+                raise
             except _TRANSIENT as exc:
                 if attempt < attempts and isinstance(exc, _RETRY_ONCE):
                     log.debug("retrying after a broken connection: %s", exc)
@@ -253,7 +284,7 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
             )
             return Page([_tenant(r) for r in rows], int(total))
 
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def update_tenant(
         self,
@@ -295,7 +326,7 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
         if scope is not None and scope != tenant_id:
             raise NotFound(f"tenant {tenant_id} not found")
 
-        async def op(conn: Any) -> None:
+        async def op(conn: Any) -> list[UUID]:
             async with conn.transaction():
                 # As in delete_device: in-flight batches finish first, and none can add
                 # rows to a device being deleted.
@@ -309,9 +340,11 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
                 status = await conn.execute("DELETE FROM tenants WHERE id = $1", tenant_id)
                 if status == "DELETE 0":
                     raise NotFound(f"tenant {tenant_id} not found")
-                await conn.execute("DELETE FROM telemetry WHERE device_id = ANY($1::uuid[])", ids)
+                # The points go after the commit, a batch at a time (postgres_purge).
+                await queue_purges(conn, ids)
+                return ids
 
-        await self._run(op)
+        await self._purge(await self._run(op))
 
     # --- users -------------------------------------------------------------------------
     async def create_user(
@@ -391,7 +424,7 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
             )
             return Page([_user(r) for r in rows], int(total))
 
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def update_user(
         self,
@@ -417,7 +450,12 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
                     _common.check_user_tenant(Role(role), row["tenant_id"])
                 row = await conn.fetchrow(
                     "UPDATE users SET password_hash = coalesce($2, password_hash),"
-                    f" role = coalesce($3, role) WHERE id = $1 RETURNING {_USER_COLS}",
+                    " role = coalesce($3, role),"
+                    # Tokens issued before a new password or role stop working.
+                    " token_version = token_version"
+                    "  + CASE WHEN $2 IS NOT NULL OR ($3 IS NOT NULL AND $3 <> role)"
+                    "    THEN 1 ELSE 0 END"
+                    f" WHERE id = $1 RETURNING {_USER_COLS}",
                     user_id,
                     password_hash,
                     None if role is None else Role(role).value,
@@ -441,19 +479,31 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
         await self._run(op, retry=False)
 
     # --- devices -----------------------------------------------------------------------
-    async def create_device(self, tenant_id: UUID, name: str, token_hash: str) -> Device:
+    async def create_device(
+        self,
+        tenant_id: UUID,
+        name: str,
+        token_hash: str,
+        *,
+        type: str = "default",
+        gateway_id: UUID | None = None,
+    ) -> Device:
         """Create an `active` device; `Conflict` if the name is taken in the tenant."""
 
         async def op(conn: Any) -> Device:
             try:
                 row = await conn.fetchrow(
-                    "INSERT INTO devices (id, tenant_id, name, status, token_hash, created_at)"
-                    f" VALUES ($1, $2, $3, 'active', $4, $5) RETURNING {_DEVICE_COLS}",
+                    "INSERT INTO devices"
+                    " (id, tenant_id, name, status, token_hash, created_at, type, gateway_id)"
+                    " VALUES ($1, $2, $3, 'active', $4, $5, $6, $7)"
+                    f" RETURNING {_DEVICE_COLS}",
                     uuid4(),
                     tenant_id,
                     name,
                     token_hash,
                     _common.now_ms(),
+                    type,
+                    gateway_id,
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise _device_conflict(exc, name) from exc
@@ -494,27 +544,35 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
 
         return await self._run(op)
 
-    async def list_devices(self, scope: Scope, limit: int, offset: int) -> Page[Device]:
-        """Devices visible in the scope, by name."""
+    async def list_devices(
+        self, scope: Scope, limit: int, offset: int, filters: DeviceFilter | None = None
+    ) -> Page[Device]:
+        """Devices visible in the scope (and matching the filter), by name."""
         _common.check_page(limit, offset)
+        args: list[Any] = []
+
+        def param(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        where = device_where(scope, filters, param, uuid=lambda u: u, like="ILIKE")
+        page_args = [*args, limit, offset]
+        n = len(args)
 
         async def op(conn: Any) -> Page[Device]:
-            where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
             # The total comes with the page (one round trip); only a page past the end
             # needs its own count.
             rows = await conn.fetch(
                 f"SELECT {_DEVICE_COLS}, count(*) OVER () AS total FROM devices {where}"
-                " ORDER BY name, id LIMIT $2 OFFSET $3",
-                scope,
-                limit,
-                offset,
+                f" ORDER BY name, id LIMIT ${n + 1} OFFSET ${n + 2}",
+                *page_args,
             )
             if rows:
                 return Page([_device(r) for r in rows], int(rows[0]["total"]))
-            total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", scope)
+            total = await conn.fetchval(f"SELECT count(*) FROM devices {where}", *args)
             return Page([], int(total))
 
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def update_device(
         self,
@@ -523,19 +581,22 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
         *,
         name: str | None = None,
         status: str | None = None,
+        type: str | None = None,
     ) -> Device:
-        """Rename a device or change its status."""
+        """Rename a device, change its status or its type."""
 
         async def op(conn: Any) -> Device:
             try:
                 row = await conn.fetchrow(
-                    "UPDATE devices SET name = coalesce($3, name), status = coalesce($4, status)"
+                    "UPDATE devices SET name = coalesce($3, name), status = coalesce($4, status),"
+                    " type = coalesce($5, type)"
                     " WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)"
                     f" RETURNING {_DEVICE_COLS}",
                     device_id,
                     scope,
                     name,
                     status,
+                    type,
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise _device_conflict(exc, name or "") from exc
@@ -570,7 +631,7 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
         async def op(conn: Any) -> None:
             async with conn.transaction():
                 # Waits for batches in flight; later batches then find the device gone
-                # and skip its points, so the telemetry deleted next cannot gain new rows.
+                # and skip its points, so the telemetry purged next cannot gain new rows.
                 await lock_out_writers(conn)
                 status = await conn.execute(
                     "DELETE FROM devices WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
@@ -579,9 +640,11 @@ class PostgresStore(PostgresTelemetry, PostgresMqttSessions):
                 )
                 if status == "DELETE 0":
                     raise NotFound(f"device {device_id} not found")
-                await conn.execute("DELETE FROM telemetry WHERE device_id = $1", device_id)
+                # The points go after the commit, a batch at a time (postgres_purge).
+                await queue_purges(conn, [device_id])
 
         await self._run(op, retry=False)
+        await self._purge([device_id])
 
 
 def _device_conflict(exc: Any, name: str) -> Conflict:

@@ -6,6 +6,8 @@ pooled connections (`_run`) and the device scope check (`_scoped_device`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -13,15 +15,20 @@ from uuid import UUID
 
 import asyncpg
 
-from iiot.errors import NotFound
+from iiot.errors import InvalidPayload, NotFound, StorageUnavailable
 from iiot.model import Device, DevicePoints, Point, Scalar
 from iiot.storage import _common, pg_latest
 from iiot.storage.base import Scope, TelemetryQuery
+from iiot.storage.postgres_partitions import drop_expired_partitions, ensure_partitions
+from iiot.storage.postgres_purge import purge_devices, queued_purges
+from iiot.storage.read_limits import check_response_size
 
 __all__ = ["PG_CURRENT_LATEST", "PostgresTelemetry", "lock_out_writers"]
 
 log = logging.getLogger("iiot.storage.postgres")
 T = TypeVar("T")
+
+PARTITION_CHECK_S = 3600.0  # how often partitions are made ahead (they cover weeks)
 
 _VALUE_COLS = "num_value, int_value, bool_value, str_value"
 _STAGE_DDL = """
@@ -116,6 +123,11 @@ _RAW_SQL = (
     " WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2)"
     " ORDER BY k.n, t.ts {direction}"
 )
+# Every key of a visible device (a row of NULL when it has none; no row: not visible).
+_DEVICE_KEYS_SQL = (
+    "SELECT l.key FROM devices d LEFT JOIN telemetry_latest l ON l.device_id = d.id"
+    " WHERE d.id = $1 AND ($2::uuid IS NULL OR d.tenant_id = $2) ORDER BY l.key"
+)
 # $7: the interval. Buckets are floor(ts / interval) * interval, also for negative ts.
 _AGG_QUERY = f"""
 WITH p AS (
@@ -202,15 +214,78 @@ def _raw_result(rows: Sequence[Any]) -> dict[str, list[tuple[int, Scalar]]]:
     return result
 
 
+def _forget(tasks: list[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback taking a finished task off `tasks`."""
+
+    def forget(task: asyncio.Task[None]) -> None:
+        if task in tasks:
+            tasks.remove(task)
+
+    return forget
+
+
 class PostgresTelemetry:
     """The telemetry methods of `PostgresStore` (a mixin: the store provides `_run`)."""
 
     _latest: pg_latest.LatestRefresher
     _alive: set[UUID]
     _deletions_seen: int | None
+    _background: list[asyncio.Task[None]]
 
-    async def _run(self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True) -> T:
+    async def _run(
+        self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True, read: bool = False
+    ) -> T:
         raise NotImplementedError
+
+    # --- background work: purges of deleted devices ------------------------------------
+    async def _start_background(self) -> None:
+        """Make this and the coming weeks' partitions, then start what runs beside the
+        store: finishing purges cut short earlier, and making partitions ahead hourly."""
+        await ensure_partitions(self._run)
+        self._background = [
+            asyncio.create_task(self._resume_purges(), name="iiot-pg-purge"),
+            asyncio.create_task(self._keep_partitions_ahead(), name="iiot-pg-partitions"),
+        ]
+
+    async def _keep_partitions_ahead(self) -> None:
+        while True:
+            await asyncio.sleep(PARTITION_CHECK_S)
+            try:
+                await ensure_partitions(self._run)
+            except StorageUnavailable as exc:
+                log.warning("cannot make telemetry partitions now, retrying later: %s", exc)
+
+    async def _stop_background(self) -> None:
+        tasks = list(getattr(self, "_background", []))  # callbacks edit the list
+        self._background = []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _resume_purges(self) -> None:
+        try:
+            await purge_devices(self._run, await queued_purges(self._run))
+        except StorageUnavailable as exc:
+            log.warning("purging deleted devices' telemetry stopped, next start resumes: %s", exc)
+
+    async def _purge(self, device_ids: Sequence[UUID]) -> None:
+        """Purge deleted devices' points and wait for it. The purge goes on if the caller
+        is cancelled (a client hanging up), until the store closes; the next start resumes."""
+        task = asyncio.create_task(self._purge_now(device_ids), name="iiot-pg-purge")
+        self._background.append(task)
+        task.add_done_callback(_forget(self._background))
+        await asyncio.shield(task)
+
+    async def _purge_now(self, device_ids: Sequence[UUID]) -> None:
+        await purge_devices(self._run, device_ids)
+
+    async def wait_for_purges(self) -> None:
+        """Wait until purges resumed at start are done (for tools and tests)."""
+        for task in list(getattr(self, "_background", [])):
+            if task.get_name() == "iiot-pg-purge":
+                await asyncio.shield(task)
 
     @staticmethod
     async def _scoped_device(conn: Any, scope: Scope, device_id: UUID) -> Device:
@@ -243,7 +318,12 @@ class PostgresTelemetry:
                 return await self._write_transaction(conn, rows, merge=True)
 
         # Idempotent by design, so a broken idle connection is retried at once.
-        written = await self._run(op)
+        try:
+            written = await self._run(op)
+        except asyncpg.DataError as exc:
+            # A value PostgreSQL cannot hold: refused for good (the pipeline then finds
+            # the message that carries it and refuses only that one).
+            raise InvalidPayload(f"the database refused a value: {exc}") from None
         self._latest.committed(written.device_ids, written.newest)
 
     async def _write_transaction(
@@ -312,24 +392,36 @@ class PostgresTelemetry:
         direction = "DESC" if query.order == "desc" else "ASC"
         keys = None if query.keys is None else list(dict.fromkeys(query.keys))
 
+        if keys is not None:
+            check_response_size(query, len(keys))
+
         async def op(conn: Any) -> dict[str, list[tuple[int, Scalar]]]:
             if keys == [] or query.end <= query.start or query.limit == 0:
                 await self._scoped_device(conn, scope, device_id)
                 return {}
+            base = params
+            if keys is None and query.max_points is not None:
+                # The cap counts every key of the device: read them first (scope included).
+                found = await conn.fetch(_DEVICE_KEYS_SQL, device_id, scope)
+                if not found:
+                    raise NotFound(f"device {device_id} not found")
+                every = [r["key"] for r in found if r["key"] is not None]
+                check_response_size(query, len(every))
+                base = (device_id, scope, every, *params[3:])
             # One statement checks the device's scope and reads the data (one round trip).
             # It answers no row when the device is not visible, and a row of NULLs per key
             # (raw) or one (aggregates) when there is no data.
             if query.agg == "none":
-                rows = await conn.fetch(_RAW_SQL.format(direction=direction), *params)
+                rows = await conn.fetch(_RAW_SQL.format(direction=direction), *base)
                 if not rows:
                     raise NotFound(f"device {device_id} not found")
                 return _raw_result(rows)
             first = query.start - query.start % query.interval_ms
             args: tuple[Any, ...]
             if query.limit >= (query.end - 1 - first) // query.interval_ms + 1:
-                sql, args = _AGG_ALL_QUERY, (*params[:5], query.interval_ms)
+                sql, args = _AGG_ALL_QUERY, (*base[:5], query.interval_ms)
             else:
-                sql, args = _AGG_QUERY, (*params, query.interval_ms)
+                sql, args = _AGG_QUERY, (*base, query.interval_ms)
             sql = sql.format(agg=_AGG_SQL[query.agg], direction=direction)
             rows = await conn.fetch(sql, *args)
             if not rows:
@@ -342,7 +434,7 @@ class PostgresTelemetry:
             return result
 
         params = (device_id, scope, keys, query.start, query.end, query.limit)
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def latest(
         self, scope: Scope, device_id: UUID, keys: Sequence[str] | None = None
@@ -365,7 +457,7 @@ class PostgresTelemetry:
             return latest
 
         keys_filter = None if keys is None else list(keys)
-        return await self._run(op)
+        return await self._run(op, read=True)
 
     async def delete_telemetry_before(self, tenant_id: UUID, before_ts: int) -> int:
         """Delete a tenant's raw telemetry older than `before_ts`; returns rows removed.
@@ -386,7 +478,8 @@ class PostgresTelemetry:
             )
             return [(r["device_id"], r["key"]) for r in rows]
 
-        removed = 0
+        # Whole weeks past the cutoff go at once where they can (postgres_partitions).
+        removed = await drop_expired_partitions(self._run, tenant_id, before_ts)
         for device_id, key in await self._run(series):
             while True:
 

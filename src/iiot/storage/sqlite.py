@@ -20,10 +20,16 @@ from typing import Any, Self, TypeVar
 from uuid import UUID, uuid4
 
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
+from iiot.filemodes import secure_file
 from iiot.model import Device, Role, Tenant, User
 from iiot.storage import _common
-from iiot.storage.base import Page, Scope
+from iiot.storage.base import DeviceFilter, Page, Scope
+from iiot.storage.control_sqlite import SqliteControlStore
+from iiot.storage.device_filters import device_where
+from iiot.storage.sqlite_devices import DEVICE_COLS, SqliteDevices, device_from_row
 from iiot.storage.sqlite_mqtt_sessions import SqliteMqttSessions
+from iiot.storage.sqlite_purge import queue_purges
+from iiot.storage.sqlite_reads import SqliteReader, read_connection
 
 # Helpers that moved with the telemetry code, still at hand for the methods here.
 from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction  # noqa: F401
@@ -48,8 +54,8 @@ _UNAVAILABLE_CODES = {
 }
 
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at"
-_DEVICE_COLS = "id, tenant_id, name, status, created_at"
+_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
+_DEVICE_COLS = DEVICE_COLS
 
 
 def _uuid(value: bytes | None) -> UUID | None:
@@ -72,11 +78,11 @@ def _user(row: Any) -> User:
         tenant_id=_uuid(row[3]),
         password_hash=row[4],
         created_at=row[5],
+        token_version=row[6],
     )
 
 
-def _device(row: Any) -> Device:
-    return Device(UUID(bytes=row[0]), UUID(bytes=row[1]), row[2], row[3], row[4])
+_device = device_from_row
 
 
 def _split_statements(script: str) -> list[str]:
@@ -96,7 +102,7 @@ def _split_statements(script: str) -> list[str]:
     return statements
 
 
-class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
+class SqliteStore(SqliteTelemetry, SqliteDevices, SqliteMqttSessions):
     """The `Store` on an SQLite file; reusable, not reentrant."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
@@ -105,6 +111,9 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
         self._busy_timeout = busy_timeout
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._reader: SqliteReader | None = None  # queries' own connection (sqlite_reads)
+        self._background: list[asyncio.Task[None]] = []
+        self.control = SqliteControlStore(self._call, lambda: self._db)  # commands, attributes
 
     # --- lifecycle ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -114,9 +123,12 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="iiot-sqlite")
         try:
             await self._call(self._open)
+            if SqliteReader.usable(self._path):
+                self._reader = await SqliteReader.open(self._path, self._busy_timeout)
         except BaseException:
             await self._shutdown()
             raise
+        self._start_background()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -127,6 +139,10 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
         executor = self._executor
         if executor is None:
             return
+        await self._stop_background()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
         if self._conn is not None:
             await asyncio.get_running_loop().run_in_executor(executor, self._close)
         self._executor = None
@@ -134,7 +150,9 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
 
     def _open(self) -> None:
         if self._path != ":memory:" and not self._path.startswith("file:"):
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self._path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # It holds password and token hashes; SQLite gives -wal/-shm the same mode.
+            secure_file(Path(self._path))
         conn = sqlite3.connect(
             self._path, timeout=self._busy_timeout, isolation_level=None, uri=True
         )
@@ -189,8 +207,22 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
                 raise StorageUnavailable(f"SQLite database {self._path}: {exc}") from exc
             raise
 
+    async def _read_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read-only `fn(*args)` on the reader's thread (the writer's without one)."""
+        if self._reader is None:
+            return await self._call(fn, *args)
+        try:
+            return await self._reader.run(fn, *args)
+        except sqlite3.OperationalError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNAVAILABLE_CODES:
+                raise StorageUnavailable(f"SQLite database {self._path}: {exc}") from exc
+            raise
+
     @property
     def _db(self) -> sqlite3.Connection:
+        reading = read_connection()  # set on the reader's thread only
+        if reading is not None:
+            return reading
         if self._conn is None:
             raise RuntimeError("SqliteStore is not open (use `async with`)")
         return self._conn
@@ -243,7 +275,7 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
             ).fetchall()
             return Page([_tenant(r) for r in rows], total[0])
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     async def update_tenant(
         self,
@@ -276,18 +308,22 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
     async def delete_tenant(self, scope: Scope, tenant_id: UUID) -> None:
         """Delete a tenant with its users, devices and telemetry."""
 
-        def run() -> None:
+        def run() -> list[UUID]:
             with _transaction(self._db):
                 self._tenant_row(scope, tenant_id)
-                # Telemetry has no foreign key (bulk-insert speed): remove it explicitly.
-                self._db.execute(
-                    "DELETE FROM telemetry WHERE device_id IN"
-                    " (SELECT id FROM devices WHERE tenant_id = ?)",
-                    (tenant_id.bytes,),
-                )
+                # Telemetry has no foreign key (bulk-insert speed): it is purged after the
+                # commit, a batch at a time (sqlite_purge).
+                ids = [
+                    UUID(bytes=r[0])
+                    for r in self._db.execute(
+                        "SELECT id FROM devices WHERE tenant_id = ?", (tenant_id.bytes,)
+                    )
+                ]
+                queue_purges(self._db, ids)
                 self._db.execute("DELETE FROM tenants WHERE id = ?", (tenant_id.bytes,))
+                return ids
 
-        await self._call(run)
+        await self._purge(await self._call(run))
 
     # --- users -------------------------------------------------------------------------
     async def create_user(
@@ -364,7 +400,7 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
             ).fetchall()
             return Page([_user(r) for r in rows], total[0])
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     async def update_user(
         self,
@@ -381,9 +417,17 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
                 current = self._user_row(scope, user_id)
                 new_role = current.role if role is None else Role(role)
                 _common.check_user_tenant(new_role, current.tenant_id)
+                # Tokens issued before a new password or role stop working.
+                bump = int(password_hash is not None or new_role != current.role)
                 self._db.execute(
-                    "UPDATE users SET password_hash = ?, role = ? WHERE id = ?",
-                    (password_hash or current.password_hash, new_role.value, user_id.bytes),
+                    "UPDATE users SET password_hash = ?, role = ?,"
+                    " token_version = token_version + ? WHERE id = ?",
+                    (
+                        password_hash or current.password_hash,
+                        new_role.value,
+                        bump,
+                        user_id.bytes,
+                    ),
                 )
                 return self._user_row(scope, user_id)
 
@@ -400,15 +444,24 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
         await self._call(run)
 
     # --- devices -----------------------------------------------------------------------
-    async def create_device(self, tenant_id: UUID, name: str, token_hash: str) -> Device:
+    async def create_device(
+        self,
+        tenant_id: UUID,
+        name: str,
+        token_hash: str,
+        *,
+        type: str = "default",
+        gateway_id: UUID | None = None,
+    ) -> Device:
         """Create an `active` device; `Conflict` if the name is taken in the tenant."""
 
         def run() -> Device:
-            device = Device(uuid4(), tenant_id, name, "active", _common.now_ms())
+            device = Device(uuid4(), tenant_id, name, "active", _common.now_ms(), type, gateway_id)
             try:
                 self._db.execute(
-                    "INSERT INTO devices (id, tenant_id, name, status, token_hash, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO devices"
+                    " (id, tenant_id, name, status, token_hash, created_at, type, gateway_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         device.id.bytes,
                         tenant_id.bytes,
@@ -416,6 +469,8 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
                         device.status,
                         token_hash,
                         device.created_at,
+                        type,
+                        _blob(gateway_id),
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -450,12 +505,20 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
 
         return await self._call(run)
 
-    async def list_devices(self, scope: Scope, limit: int, offset: int) -> Page[Device]:
-        """Devices visible in the scope, by name."""
+    async def list_devices(
+        self, scope: Scope, limit: int, offset: int, filters: DeviceFilter | None = None
+    ) -> Page[Device]:
+        """Devices visible in the scope (and matching the filter), by name."""
         _common.check_page(limit, offset)
+        args: list[Any] = []
+
+        def param(value: Any) -> str:
+            args.append(value)
+            return "?"
+
+        where = device_where(scope, filters, param, uuid=_blob, like="LIKE")
 
         def run() -> Page[Device]:
-            where, args = ("", ()) if scope is None else ("WHERE tenant_id = ?", (scope.bytes,))
             total = self._db.execute(f"SELECT count(*) FROM devices {where}", args).fetchone()
             rows = self._db.execute(
                 f"SELECT {_DEVICE_COLS} FROM devices {where} ORDER BY name, id LIMIT ? OFFSET ?",
@@ -463,7 +526,7 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
             ).fetchall()
             return Page([_device(r) for r in rows], total[0])
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     async def update_device(
         self,
@@ -472,16 +535,22 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
         *,
         name: str | None = None,
         status: str | None = None,
+        type: str | None = None,
     ) -> Device:
-        """Rename a device or change its status."""
+        """Rename a device, change its status or its type."""
 
         def run() -> Device:
             with _transaction(self._db):
                 current = self._device_row(scope, device_id)
                 try:
                     self._db.execute(
-                        "UPDATE devices SET name = ?, status = ? WHERE id = ?",
-                        (name or current.name, status or current.status, device_id.bytes),
+                        "UPDATE devices SET name = ?, status = ?, type = ? WHERE id = ?",
+                        (
+                            name or current.name,
+                            status or current.status,
+                            type or current.type,
+                            device_id.bytes,
+                        ),
                     )
                 except sqlite3.IntegrityError as exc:
                     raise _device_error(exc, name or "", current.tenant_id) from exc
@@ -511,10 +580,12 @@ class SqliteStore(SqliteTelemetry, SqliteMqttSessions):
         def run() -> None:
             with _transaction(self._db):
                 self._device_row(scope, device_id)
-                self._db.execute("DELETE FROM telemetry WHERE device_id = ?", (device_id.bytes,))
+                # Its points are purged after the commit, a batch at a time (sqlite_purge).
+                queue_purges(self._db, [device_id])
                 self._db.execute("DELETE FROM devices WHERE id = ?", (device_id.bytes,))
 
         await self._call(run)
+        await self._purge([device_id])
 
 
 def _device_error(exc: sqlite3.IntegrityError, name: str, tenant_id: UUID) -> Exception:

@@ -6,15 +6,20 @@ worker thread (`_call`), the connection (`_db`) and the device scope check (`_de
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
+from iiot.errors import StorageUnavailable
 from iiot.model import Device, DevicePoints, Point, Scalar
 from iiot.storage import _common
 from iiot.storage.base import Scope, TelemetryQuery
+from iiot.storage.read_limits import check_response_size
+from iiot.storage.sqlite_purge import finish_purge, purge_chunk, queued_purges
 from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction
 
 __all__ = ["SqliteTelemetry"]
@@ -49,15 +54,71 @@ _AGG_SQL = {
 }
 
 
+def _forget(tasks: list[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback taking a finished task off `tasks`."""
+
+    def forget(task: asyncio.Task[None]) -> None:
+        if task in tasks:
+            tasks.remove(task)
+
+    return forget
+
+
 class SqliteTelemetry:
     """The telemetry methods of `SqliteStore` (a mixin: the store provides `_call`, `_db`)."""
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         raise NotImplementedError
 
+    async def _read_call(self, fn: Callable[..., T], *args: Any) -> T:
+        raise NotImplementedError
+
     @property
     def _db(self) -> sqlite3.Connection:
         raise NotImplementedError
+
+    # --- purges of deleted devices (sqlite_purge) ---------------------------------------
+    _background: list[asyncio.Task[None]]
+
+    async def _purge(self, device_ids: Sequence[UUID]) -> None:
+        """Purge deleted devices' points and wait for it. The purge goes on if the caller
+        is cancelled (a client hanging up), until the store closes; the next start resumes."""
+        task = asyncio.create_task(self._purge_devices(device_ids), name="iiot-sqlite-purge")
+        self._background.append(task)
+        task.add_done_callback(_forget(self._background))
+        await asyncio.shield(task)
+
+    async def _purge_devices(self, device_ids: Sequence[UUID]) -> None:
+        """Delete deleted devices' points batch by batch, letting other calls in between."""
+        for device_id in device_ids:
+            # One call per batch: other store calls run between them on the writer's thread.
+            while await self._call(lambda d=device_id: purge_chunk(self._db, d)):
+                pass
+            await self._call(lambda d=device_id: finish_purge(self._db, d))
+
+    def _start_background(self) -> None:
+        """Finish purges cut short earlier (a crash, a restart) beside the store."""
+        self._background = [asyncio.create_task(self._resume_purges(), name="iiot-sqlite-purge")]
+
+    async def _resume_purges(self) -> None:
+        try:
+            await self._purge_devices(await self._call(lambda: queued_purges(self._db)))
+        except StorageUnavailable as exc:
+            log.warning("purging deleted devices' telemetry stopped, next start resumes: %s", exc)
+
+    async def _stop_background(self) -> None:
+        tasks = list(getattr(self, "_background", []))  # callbacks edit the list
+        self._background = []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def wait_for_purges(self) -> None:
+        """Wait until purges resumed at start are done (for tools and tests)."""
+        for task in list(getattr(self, "_background", [])):
+            await asyncio.shield(task)
 
     def _device_row(self, scope: Scope, device_id: UUID) -> Device:
         raise NotImplementedError
@@ -120,6 +181,7 @@ class SqliteTelemetry:
             db = self._db
             self._device_row(scope, device_id)
             keys = self._keys(device_id, query.keys)
+            check_response_size(query, len(keys))
             if not keys or query.end <= query.start or query.limit == 0:
                 return {}
             result: dict[str, list[tuple[int, Scalar]]] = {}
@@ -172,7 +234,7 @@ class SqliteTelemetry:
                     result.setdefault(key, []).append((bucket, convert(value)))
             return result
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     def _keys(self, device_id: UUID, keys: tuple[str, ...] | None) -> list[str]:
         if keys is not None:
@@ -203,7 +265,7 @@ class SqliteTelemetry:
                 if wanted is None or r[0] in wanted
             }
 
-        return await self._call(run)
+        return await self._read_call(run)
 
     async def delete_telemetry_before(self, tenant_id: UUID, before_ts: int) -> int:
         """Delete a tenant's raw telemetry older than `before_ts`; returns rows removed.

@@ -45,8 +45,8 @@ async def login(
         state.throttle.failed(body.username, address)
         services.metrics.auth_failures.labels("api").inc()
         raise AuthenticationError("wrong username or password")
-    state.throttle.succeeded(body.username)
-    token = state.signer.issue(user.id, user.role, user.tenant_id)
+    state.throttle.succeeded(body.username, address)
+    token = state.signer.issue(user.id, user.role, user.tenant_id, user.token_version)
     return TokenOut(access_token=token, expires_in=state.signer.ttl_s)
 
 

@@ -23,6 +23,8 @@ router = APIRouter(prefix="/api/devices", tags=["telemetry"], responses=MANAGEME
 MAX_LIMIT = 10_000
 MAX_BUCKETS = 10_000
 MAX_KEYS = 100
+# Points one response may carry: keys x limit (x buckets for aggregates), docs/api.md.
+MAX_RESPONSE_POINTS = 100_000
 # URLs beyond ~8 KB are refused by many proxies (and by the HTTP server itself at 16 KB).
 MAX_KEYS_TEXT = 8000
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
@@ -163,6 +165,7 @@ async def query_telemetry(
         order=order,
         agg=agg,
         interval_ms=interval_ms,
+        max_points=MAX_RESPONSE_POINTS,
     )
     result = await services.store.query_telemetry(principal.scope, device_id, query)
     return _json(

@@ -1,0 +1,1 @@
+"""Alarms: threshold and inactivity rules, one open alarm per (device, type), notifications."""

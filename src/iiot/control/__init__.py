@@ -1,0 +1,1 @@
+"""Device control: commands (RPC) with tracked delivery, device attributes, the inbox."""

@@ -1,0 +1,441 @@
+"""`CommandService`: creates commands, delivers them through device links, tracks states.
+
+Delivery works only through `DeviceLinks`, whatever the protocol. Every state change is
+stored first (a conditional UPDATE: states never go backwards, and of two processes racing
+for one command only one wins), then published on the live bus as a
+`RecordEvent("command", status, ...)`; the live bridge forwards it to the other platform
+processes. A process that holds a link of the device delivers the device's QUEUED
+commands, in creation order, whenever a command is queued (here or elsewhere) and
+whenever a link attaches. Delivery is at least once; the command id stays the same on
+every attempt, so a device can drop duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Self
+from uuid import UUID
+
+from iiot.bus import LiveBus, RecordEvent
+from iiot.control.rules import CANCELABLE, CLAIMABLE, EXPIRABLE, REPLYABLE, CommandRequest
+from iiot.errors import Conflict, NotFound
+from iiot.links import DeliveryFailed, DeviceLink, DeviceLinks, OutboundCommand
+from iiot.metrics import Metrics
+from iiot.model import Device
+from iiot.storage._common import now_ms
+from iiot.storage.base import Scope, Store
+from iiot.storage.control import UNSET, Command, NewCommand
+
+__all__ = ["CommandService"]
+
+log = logging.getLogger(__name__)
+
+_SWEEP_S = 0.5
+_RECHECK_S = 1.0  # waiters re-read the command this often in case an event was lost
+_UNCLAIMED_GRACE_S = 2.0  # split roles: how long a lightweight command may wait for a taker
+_BATCH = 200
+_LINK_FAILED_PAUSE_S = 1.0  # doubled after each failure in a row, up to the maximum
+_LINK_FAILED_PAUSE_MAX_S = 30.0
+# Every this many sweeps, QUEUED commands of devices with a link here are delivered even if
+# their event was lost (a bus queue that overflowed, a bridge that reconnected).
+_RESCUE_EVERY = 10
+_RESCUE_AGE_MS = 2000  # after a link failed: wait before trying the device's links again
+
+
+class CommandService:
+    """The rules of commands for one platform process."""
+
+    def __init__(
+        self,
+        store: Store,
+        bus: LiveBus,
+        links: DeviceLinks,
+        metrics: Metrics,
+        *,
+        distributed: bool,
+    ) -> None:
+        """`distributed`: other platform processes may hold device links (split roles)."""
+        self._store = store
+        self._bus = bus
+        self._links = links
+        self._metrics = metrics
+        self._distributed = distributed
+        # Waiting senders by command; each hears the newest status seen on the bus.
+        self._waiters: dict[UUID, set[_Waiter]] = {}
+        self._device_locks: dict[UUID, asyncio.Lock] = {}
+        self._pending_flush: set[UUID] = set()
+        self._paused: dict[UUID, float] = {}  # device -> loop time until which not to retry
+        self._failures: dict[UUID, int] = {}  # device -> link failures in a row
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._main: list[asyncio.Task[Any]] = []
+        self._queue: asyncio.Queue[Any] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        self._queue = self._bus.subscribe()
+        self._links.add_listener(self._on_link)
+        if not self._distributed:
+            await self._requeue_orphans()
+        self._main = [
+            asyncio.create_task(self._listen(), name="commands-listen"),
+            asyncio.create_task(self._sweep_forever(), name="commands-sweep"),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._links.remove_listener(self._on_link)
+        if self._queue is not None:
+            self._bus.unsubscribe(self._queue)
+        for task in [*self._main, *self._tasks]:
+            task.cancel()
+        for task in [*self._main, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        return "commands: delivery through device links"
+
+    async def _requeue_orphans(self) -> None:
+        """Single process: SENT persistent commands lost their link with the last run."""
+        for command in await self._store.control.stale_sent_commands(None, 10_000):
+            await self._move(
+                command,
+                "QUEUED",
+                ("SENT",),
+                error="the platform restarted before the device confirmed receipt",
+            )
+
+    # --- senders -------------------------------------------------------------------------
+    async def send(
+        self, scope: Scope, device: Device, request: CommandRequest, sent_by: UUID | None
+    ) -> Command:
+        """Store a QUEUED command and start its delivery (here or in another process)."""
+        now = now_ms()
+        request.check(now)
+        command = await self._store.control.create_command(
+            scope,
+            NewCommand(
+                tenant_id=device.tenant_id,
+                device_id=device.id,
+                method=request.method,
+                params={} if request.params is None else request.params,
+                oneway=request.oneway,
+                persistent=request.persistent,
+                timeout_ms=request.timeout_ms,
+                expires_at=request.expiry(now),
+                retries=request.retries,
+                sent_by=sent_by,
+            ),
+            now,
+        )
+        self._announce(command)
+        if not command.persistent and not self._links.connected(device.id):
+            if not self._distributed:
+                failed = await self._move(
+                    command, "FAILED", CLAIMABLE, error="the device is not connected"
+                )
+                return failed or command
+            self._spawn(self._fail_unclaimed(command))
+        return command
+
+    async def wait(self, scope: Scope, command: Command, timeout_s: float) -> Command:
+        """Wait until the command is answered (two-way), delivered (one-way) or final;
+        at the timeout an open lightweight command becomes TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        waiter = _Waiter()
+        self._waiters.setdefault(command.id, set()).add(waiter)
+        try:
+            # Events before this waiter existed are not heard: start from the stored state.
+            command = await self._store.control.get_command(scope, command.id)
+            while not _settled(command):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                woken = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.event.wait(), min(left, _RECHECK_S))
+                    woken = True
+                waiter.event.clear()
+                # Read the stored command when the bus says it is settled, or now and then
+                # in case an event was lost; intermediate states need no read.
+                if not woken or waiter.settled:
+                    command = await self._store.control.get_command(scope, command.id)
+        finally:
+            waiters = self._waiters.get(command.id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[command.id]
+        if not _settled(command) and not command.persistent:
+            timed_out = await self._move(
+                command, "TIMEOUT", EXPIRABLE, error="no answer within the timeout"
+            )
+            command = timed_out or await self._store.control.get_command(scope, command.id)
+        return command
+
+    async def cancel(self, scope: Scope, command_id: UUID) -> Command:
+        """CANCELED while not yet delivered; `Conflict` after."""
+        command = await self._store.control.get_command(scope, command_id)
+        canceled = await self._move(command, "CANCELED", CANCELABLE)
+        if canceled is None:
+            current = await self._store.control.get_command(scope, command_id)
+            raise Conflict(
+                f"command {command_id} is {current.status}: only a command not yet "
+                "delivered (QUEUED, SENT, TIMEOUT) can be canceled"
+            )
+        return canceled
+
+    # --- device side ---------------------------------------------------------------------
+    async def reply(self, device: Device, command_id: UUID, response: Any) -> None:
+        """The device's answer: SUCCESSFUL (a reply also proves delivery)."""
+        try:
+            command = await self._store.control.get_command(device.tenant_id, command_id)
+        except NotFound:
+            raise NotFound(f"no command {command_id} for this device") from None
+        if command.device_id != device.id:
+            raise NotFound(f"no command {command_id} for this device")
+        if command.oneway:
+            return  # nothing to answer; a duplicate or a confused device
+        if command.status == "SENT":
+            command = await self._move(command, "DELIVERED", ("SENT",)) or command
+        await self._move(command, "SUCCESSFUL", REPLYABLE, response=response, deadline=None)
+
+    # --- delivery ------------------------------------------------------------------------
+    def _on_link(self, device: Device, link: DeviceLink, attached: bool) -> None:
+        if attached and link.listens_commands:
+            self._paused.pop(device.id, None)  # a new link: try at once
+            self._failures.pop(device.id, None)
+            self._schedule_flush(device.id)
+
+    def _schedule_flush(self, device_id: UUID) -> None:
+        if device_id in self._pending_flush:
+            return  # a flush is about to run and will see every QUEUED command
+        self._pending_flush.add(device_id)
+        self._spawn(self._flush(device_id))
+
+    async def _flush(self, device_id: UUID) -> None:
+        # A link that just failed is not hammered: commands re-queued by its failure wait.
+        pause = self._paused.get(device_id)
+        if pause is not None:
+            left = pause - asyncio.get_running_loop().time()
+            if left > 0:
+                await asyncio.sleep(left)
+            self._paused.pop(device_id, None)
+        await self._flush_now(device_id)
+
+    async def _flush_now(self, device_id: UUID) -> None:
+        """Deliver the device's QUEUED commands in creation order through its links here."""
+        lock = self._device_locks.setdefault(device_id, asyncio.Lock())
+        async with lock:
+            self._pending_flush.discard(device_id)
+            failed: set[int] = set()
+            while True:
+                links = [
+                    link
+                    for link in self._links.links(device_id)
+                    if link.listens_commands and id(link) not in failed
+                ]
+                if not links:
+                    break
+                queued = await self._store.control.queued_commands(None, device_id, _BATCH)
+                if not queued:
+                    break
+                for command in queued:
+                    link = links[0]
+                    if not await self._deliver(command, link):
+                        failed.add(id(link))
+                        failures = self._failures.get(device_id, 0) + 1
+                        self._failures[device_id] = failures
+                        pause = min(
+                            _LINK_FAILED_PAUSE_S * 2 ** min(failures - 1, 10),
+                            _LINK_FAILED_PAUSE_MAX_S,
+                        )
+                        self._paused[device_id] = asyncio.get_running_loop().time() + pause
+                        break
+                    self._failures.pop(device_id, None)
+                else:
+                    if len(queued) < _BATCH:
+                        break
+        if not lock.locked() and device_id not in self._pending_flush:
+            self._device_locks.pop(device_id, None)
+
+    async def _deliver(self, command: Command, link: DeviceLink) -> bool:
+        """One attempt through one link; False when the link failed."""
+        now = now_ms()
+        if command.expires_at <= now:
+            await self._move(command, "EXPIRED", EXPIRABLE)
+            return True
+        sent = await self._move(
+            command, "SENT", CLAIMABLE, deadline=now + command.timeout_ms, count_attempt=True
+        )
+        if sent is None:
+            return True  # another process (or a cancel) took it first
+        outbound = OutboundCommand(sent.id, sent.method, sent.params, sent.oneway)
+        try:
+            confirmed = await link.deliver_command(outbound)
+        except DeliveryFailed as exc:
+            log.info("command %s not delivered over %s: %s", sent.id, link.protocol, exc)
+            await self._move(sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}")
+            return False
+        except Exception as exc:  # a broken adapter must not lose the command
+            log.exception("link %s failed delivering command %s", link.protocol, sent.id)
+            await self._move(sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}")
+            return False
+        if confirmed:
+            deadline = None if sent.oneway else now_ms() + sent.timeout_ms
+            await self._move(sent, "DELIVERED", ("SENT",), deadline=deadline)
+        return True
+
+    async def _fail_unclaimed(self, command: Command) -> None:
+        """Split roles: a lightweight command nobody took soon is FAILED, not left waiting."""
+        await asyncio.sleep(_UNCLAIMED_GRACE_S)
+        await self._move(
+            command,
+            "FAILED",
+            CLAIMABLE,
+            error="the device is not connected to any platform process",
+        )
+
+    # --- timeouts and expiry -------------------------------------------------------------
+    async def _sweep_forever(self) -> None:
+        rounds = 0
+        while True:
+            rounds += 1
+            try:
+                await self.sweep()
+                if rounds % _RESCUE_EVERY == 0:
+                    await self._rescue_queued()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # storage down: try again on the next round
+                log.warning("command sweep failed: %s", exc)
+            await asyncio.sleep(_SWEEP_S)
+
+    async def sweep(self) -> None:
+        """Expire, time out and re-queue the commands whose time has come."""
+        now = now_ms()
+        for command in await self._store.control.due_commands(None, now, 1000):
+            if command.expires_at <= now:
+                await self._move(command, "EXPIRED", EXPIRABLE, error="expired before an answer")
+            elif command.status == "TIMEOUT":
+                await self._move(command, "QUEUED", ("TIMEOUT",))
+            elif command.status in ("SENT", "DELIVERED"):
+                await self._time_out(command)
+
+    async def _rescue_queued(self) -> None:
+        before = now_ms() - _RESCUE_AGE_MS
+        for device_id in await self._store.control.queued_devices(None, before, 10_000):
+            if self._links.connected(device_id):
+                self._schedule_flush(device_id)
+
+    async def _time_out(self, command: Command) -> None:
+        # A persistent command the device never confirmed did not reach it: queue it again
+        # until it expires, retries or not (a restart must not leave it TIMEOUT for ever).
+        again = (command.persistent and command.status == "SENT") or (
+            command.attempts <= command.retries
+        )
+        timed_out = await self._move(
+            command,
+            "TIMEOUT",
+            (command.status,),
+            deadline=now_ms() if again else None,
+            error="no delivery confirmation" if command.status == "SENT" else "no answer",
+        )
+        if timed_out is not None and again:
+            await self._move(timed_out, "QUEUED", ("TIMEOUT",))
+
+    # --- state changes and events --------------------------------------------------------
+    async def _move(
+        self,
+        command: Command,
+        to: str,
+        allowed_from: tuple[str, ...],
+        *,
+        deadline: int | None = None,
+        response: Any = UNSET,
+        error: str | None = None,
+        count_attempt: bool = False,
+    ) -> Command | None:
+        moved = await self._store.control.transition_command(
+            None,
+            command.id,
+            to,
+            allowed_from,
+            now_ms(),
+            deadline=deadline,
+            response=response,
+            error=error,
+            count_attempt=count_attempt,
+        )
+        if moved is not None:
+            self._announce(moved)
+        return moved
+
+    def _announce(self, command: Command) -> None:
+        self._metrics.command_transitions.labels(command.status).inc()
+        self._bus.publish(
+            RecordEvent(
+                "command", command.status, command.tenant_id, command.device_id, command.rest()
+            )
+        )
+
+    async def _listen(self) -> None:
+        """Bus events (local and from other processes): wake waiters, deliver queued ones."""
+        assert self._queue is not None
+        while True:
+            event = await self._queue.get()
+            if not isinstance(event, RecordEvent) or event.topic != "command":
+                continue
+            try:
+                command_id = UUID(str(event.data["id"]))
+            except (KeyError, ValueError):
+                continue
+            for waiter in self._waiters.get(command_id, ()):
+                waiter.settled = waiter.settled or _settled_data(event.data)
+                waiter.event.set()
+            device_id = event.device_id
+            if event.kind == "QUEUED" and device_id and self._links.connected(device_id):
+                self._schedule_flush(device_id)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("command task failed: %s", task.exception())
+
+
+class _Waiter:
+    """A sender waiting for its command: woken by the bus, told when it is settled."""
+
+    __slots__ = ("event", "settled")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.settled = False
+
+
+def _settled_data(data: Any) -> bool:
+    """`_settled` on a command's REST representation (a bus event's data)."""
+    status = data.get("status")
+    if status in ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED"):
+        return True
+    if status == "TIMEOUT":
+        return True  # read it: whether a retry follows is in the stored deadline
+    return bool(data.get("oneway")) and status == "DELIVERED"
+
+
+def _settled(command: Command) -> bool:
+    """Whether a waiting sender has its answer."""
+    if command.status in ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED"):
+        return True
+    if command.status == "TIMEOUT" and command.deadline is None:
+        return True  # timed out with no retry left
+    return command.oneway and command.status == "DELIVERED"

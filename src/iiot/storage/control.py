@@ -1,0 +1,201 @@
+"""Storage interface for device control: commands with their state history, attributes.
+
+Kept apart from `Store` so the two dialects' implementations (`control_pg`,
+`control_sqlite`) stay small; each store exposes one as `store.control`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from uuid import UUID
+
+from iiot.storage.base import Page, Scope
+
+__all__ = [
+    "ATTRIBUTE_SCOPES",
+    "FINAL_STATES",
+    "OPEN_STATES",
+    "STATES",
+    "UNSET",
+    "AttributeValue",
+    "Command",
+    "ControlStore",
+    "NewCommand",
+]
+
+STATES = (
+    "QUEUED",
+    "SENT",
+    "DELIVERED",
+    "SUCCESSFUL",
+    "TIMEOUT",
+    "EXPIRED",
+    "FAILED",
+    "CANCELED",
+)
+OPEN_STATES = ("QUEUED", "SENT", "DELIVERED", "TIMEOUT")
+FINAL_STATES = ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED")
+ATTRIBUTE_SCOPES = ("client", "shared", "server")
+
+
+class _Unset:
+    """Marks an argument that was not given (None is a valid JSON answer)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(frozen=True, slots=True)
+class NewCommand:
+    """What a sender asks for; the service fills in defaults before storing it."""
+
+    tenant_id: UUID
+    device_id: UUID
+    method: str
+    params: Any
+    oneway: bool
+    persistent: bool
+    timeout_ms: int
+    expires_at: int
+    retries: int
+    sent_by: UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A stored command and, when loaded, every state it went through."""
+
+    id: UUID
+    tenant_id: UUID
+    device_id: UUID
+    method: str
+    params: Any
+    oneway: bool
+    persistent: bool
+    timeout_ms: int
+    expires_at: int
+    retries: int
+    attempts: int
+    status: str
+    response: Any
+    error: str | None
+    sent_by: UUID | None
+    deadline: int | None
+    created_at: int
+    updated_at: int
+    transitions: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def final(self) -> bool:
+        """Whether nothing will change this command any more."""
+        return self.status in FINAL_STATES or (self.status == "DELIVERED" and self.oneway)
+
+    def rest(self) -> dict[str, Any]:
+        """The REST representation (also the data of its live events)."""
+        return {
+            "id": str(self.id),
+            "device_id": str(self.device_id),
+            "method": self.method,
+            "params": self.params,
+            "oneway": self.oneway,
+            "persistent": self.persistent,
+            "timeout_ms": self.timeout_ms,
+            "expires_at": self.expires_at,
+            "retries": self.retries,
+            "attempts": self.attempts,
+            "status": self.status,
+            "response": self.response,
+            "error": self.error,
+            "sent_by": None if self.sent_by is None else str(self.sent_by),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "transitions": [{"status": s, "ts": ts} for s, ts in self.transitions],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeValue:
+    """One attribute's JSON value and when it was last set (Unix ms)."""
+
+    value: Any
+    ts: int
+
+
+class ControlStore(Protocol):
+    """Commands and attributes; every method takes the tenant scope first."""
+
+    async def create_command(self, scope: Scope, command: NewCommand, now: int) -> Command:
+        """Store a QUEUED command (its first transition too); `NotFound` if the device isn't
+        visible in the scope."""
+        ...
+
+    async def get_command(self, scope: Scope, command_id: UUID) -> Command:
+        """One command with its transitions."""
+        ...
+
+    async def list_commands(
+        self, scope: Scope, device_id: UUID, status: str | None, limit: int, offset: int
+    ) -> Page[Command]:
+        """A device's commands, newest first."""
+        ...
+
+    async def transition_command(
+        self,
+        scope: Scope,
+        command_id: UUID,
+        to: str,
+        allowed_from: Sequence[str],
+        now: int,
+        *,
+        device_id: UUID | None = None,
+        deadline: int | None = None,
+        response: Any = UNSET,
+        error: str | None = None,
+        count_attempt: bool = False,
+    ) -> Command | None:
+        """Move a command to `to` only if its status is in `allowed_from` (one transaction
+        with its transition row); None when it was not (someone else moved it first)."""
+        ...
+
+    async def queued_commands(self, scope: Scope, device_id: UUID, limit: int) -> list[Command]:
+        """A device's QUEUED commands in creation order."""
+        ...
+
+    async def due_commands(self, scope: Scope, now: int, limit: int) -> list[Command]:
+        """Open commands past their deadline or expiry (for the sweeper)."""
+        ...
+
+    async def queued_devices(self, scope: Scope, before: int, limit: int) -> list[UUID]:
+        """Devices with a command QUEUED since before `before` (Unix ms)."""
+        ...
+
+    async def stale_sent_commands(self, scope: Scope, limit: int) -> list[Command]:
+        """Persistent commands left SENT (for a restart of a single-process platform)."""
+        ...
+
+    async def get_attributes(
+        self,
+        scope: Scope,
+        device_id: UUID,
+        scopes: Sequence[str],
+        keys: Sequence[str] | None,
+    ) -> dict[str, dict[str, AttributeValue]]:
+        """The device's attributes in these scopes (every scope present as a key)."""
+        ...
+
+    async def set_attributes(
+        self, scope: Scope, device_id: UUID, attr_scope: str, values: Mapping[str, Any], now: int
+    ) -> None:
+        """Merge attributes into a scope (JSON values)."""
+        ...
+
+    async def delete_attributes(
+        self, scope: Scope, device_id: UUID, attr_scope: str, keys: Sequence[str]
+    ) -> list[str]:
+        """Delete keys from a scope; returns the keys that existed."""
+        ...

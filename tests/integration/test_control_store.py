@@ -1,0 +1,123 @@
+"""The control store (commands, transitions, attributes) on SQLite and PostgreSQL alike:
+states never go backwards, one of two racing claims wins, tenants stay apart."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from iiot.errors import NotFound
+from iiot.storage import Store, open_store
+from iiot.storage.control import NewCommand
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'control.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    async with open_store(db_url) as opened:
+        yield opened
+
+
+def _new(tenant_id: uuid.UUID, device_id: uuid.UUID) -> NewCommand:
+    return NewCommand(
+        tenant_id=tenant_id,
+        device_id=device_id,
+        method="setValve",
+        params={"open": True, "list": [1, "a", None]},
+        oneway=False,
+        persistent=True,
+        timeout_ms=1000,
+        expires_at=10_000_000,
+        retries=1,
+        sent_by=None,
+    )
+
+
+async def test_commands_move_forward_only_and_stay_in_their_tenant(store: Store) -> None:
+    tenant = await store.create_tenant("acme")
+    other = await store.create_tenant("globex")
+    device = await store.create_device(tenant.id, "valve", "hash-1")
+    control = store.control
+    command = await control.create_command(tenant.id, _new(tenant.id, device.id), 100)
+    assert command.status == "QUEUED" and command.transitions == [("QUEUED", 100)]
+    assert command.params == {"open": True, "list": [1, "a", None]}
+    with pytest.raises(NotFound):
+        await control.create_command(other.id, _new(other.id, device.id), 100)
+    with pytest.raises(NotFound):
+        await control.get_command(other.id, command.id)
+
+    # Two processes race for the same QUEUED command: exactly one gets it.
+    claims = await asyncio.gather(
+        *(
+            control.transition_command(None, command.id, "SENT", ("QUEUED",), 200, deadline=1200)
+            for _ in range(5)
+        )
+    )
+    winners = [c for c in claims if c is not None]
+    assert len(winners) == 1 and winners[0].deadline == 1200
+    # Not from a state that is not allowed (never backwards).
+    assert await control.transition_command(None, command.id, "QUEUED", ("DELIVERED",), 250) is None
+    done = await control.transition_command(
+        None, command.id, "SUCCESSFUL", ("SENT", "DELIVERED"), 300, response={"rpm": 900}
+    )
+    assert done is not None and done.response == {"rpm": 900}
+    assert done.transitions == [("QUEUED", 100), ("SENT", 200), ("SUCCESSFUL", 300)]
+    again = await control.transition_command(None, command.id, "CANCELED", ("QUEUED", "SENT"), 400)
+    assert again is None
+    stored = await control.get_command(tenant.id, command.id)
+    assert stored.status == "SUCCESSFUL" and stored.transitions == done.transitions
+
+    page = await control.list_commands(None, device.id, "SUCCESSFUL", 10, 0)
+    assert page.total == 1 and page.items[0].id == command.id
+    assert (await control.list_commands(None, device.id, "QUEUED", 10, 0)).total == 0
+    with pytest.raises(NotFound):
+        await control.list_commands(other.id, device.id, None, 10, 0)
+
+
+async def test_queue_order_due_commands_and_attributes(store: Store) -> None:
+    tenant = await store.create_tenant("acme")
+    other = await store.create_tenant("globex")
+    device = await store.create_device(tenant.id, "valve", "hash-1")
+    control = store.control
+    first = await control.create_command(None, _new(tenant.id, device.id), 100)
+    second = await control.create_command(None, _new(tenant.id, device.id), 101)
+    queued = await control.queued_commands(None, device.id, 10)
+    assert [c.id for c in queued] == [first.id, second.id]
+    assert await control.queued_devices(None, 101, 10) == [device.id]
+    assert await control.queued_devices(None, 99, 10) == []
+    await control.transition_command(None, first.id, "SENT", ("QUEUED",), 150, deadline=500)
+    due = await control.due_commands(None, 600, 10)
+    assert [c.id for c in due] == [first.id]  # past its deadline; the other is not due
+    assert [c.id for c in await control.stale_sent_commands(None, 10)] == [first.id]
+
+    await control.set_attributes(tenant.id, device.id, "shared", {"a": 1, "b": {"x": [1]}}, 10)
+    await control.set_attributes(tenant.id, device.id, "shared", {"a": 2}, 20)
+    await control.set_attributes(tenant.id, device.id, "client", {"fw": "1.0"}, 30)
+    found = await control.get_attributes(tenant.id, device.id, ("client", "shared", "server"), None)
+    assert {k: (v.value, v.ts) for k, v in found["shared"].items()} == {
+        "a": (2, 20),
+        "b": ({"x": [1]}, 10),
+    }
+    assert found["client"]["fw"].value == "1.0" and found["server"] == {}
+    only = await control.get_attributes(None, device.id, ("shared",), ["b"])
+    assert list(only["shared"]) == ["b"]
+    assert await control.delete_attributes(None, device.id, "shared", ["a", "zz"]) == ["a"]
+    with pytest.raises(NotFound):
+        await control.get_attributes(other.id, device.id, ("shared",), None)
+    with pytest.raises(NotFound):
+        await control.set_attributes(other.id, device.id, "shared", {"a": 1}, 40)
+
+    # Deleting the device removes its commands and attributes with it.
+    await store.delete_device(None, device.id)
+    with pytest.raises(NotFound):
+        await control.get_command(None, first.id)
