@@ -21,7 +21,13 @@ import orjson
 
 from iiot.adapters import mqtt_topics as t
 from iiot.codec import decode_json
-from iiot.errors import DeviceDisabled, InvalidPayload, StorageUnavailable
+from iiot.errors import (
+    DeviceDisabled,
+    IIoTError,
+    InvalidPayload,
+    PermissionDenied,
+    StorageUnavailable,
+)
 from iiot.links import DeliveryFailed, OutboundCommand
 from iiot.model import Device
 
@@ -103,7 +109,11 @@ class Actions:
             self.server.note("invalid_payload", f"{found.action} of {_who(conn)} refused: {exc}")
             self.services.metrics.messages_refused.labels(PROTOCOL, "invalid_payload").inc()
             return _PAYLOAD_INVALID
-        except (DeliveryFailed, DeviceDisabled, StorageUnavailable) as exc:
+        except PermissionDenied as exc:
+            self.server.note(found.action, f"{found.action} of {_who(conn)} refused: {exc}")
+            self.services.metrics.messages_refused.labels(PROTOCOL, "forbidden").inc()
+            return _NOT_AUTHORIZED
+        except (DeliveryFailed, IIoTError) as exc:
             self.server.note(found.action, f"{found.action} of {_who(conn)} not done: {exc}")
             return _UNSPECIFIED
 

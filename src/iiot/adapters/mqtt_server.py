@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import socket
 import ssl
@@ -114,6 +113,10 @@ class MqttServer:
         context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+        if settings.tls_client_ca:
+            # Ask for a client certificate (optional: token logins still work over TLS).
+            context.load_verify_locations(cafile=str(settings.tls_client_ca))
+            context.verify_mode = ssl.CERT_OPTIONAL
         return context
 
     async def __aexit__(self, *exc: object) -> None:
@@ -162,7 +165,7 @@ class MqttServer:
         """The device behind these credentials (`AuthenticationError` if none)."""
         registry = self.services.registry
         if certificate is not None:
-            device = await self._by_certificate(hashlib.sha256(certificate).hexdigest())
+            device = await self._by_certificate(certificate)
             if device is not None:
                 return device
         username = packet.username
@@ -176,13 +179,12 @@ class MqttServer:
             return await registry.authenticate_id(username, password)
         return await registry.authenticate(username)  # ThingsBoard: the token as username
 
-    async def _by_certificate(self, fingerprint: str) -> Device | None:
-        # Provided by the store once devices carry certificate fingerprints.
-        find = getattr(self.services.store, "find_device_by_cert_fingerprint", None)
-        if find is None:
+    async def _by_certificate(self, der: bytes) -> Device | None:
+        """The device a presented client certificate is registered to (None: not registered)."""
+        try:
+            return await self.services.identity.authenticate_certificate(der)
+        except AuthenticationError:
             return None
-        device: Device | None = await find(fingerprint)
-        return device
 
     def take_over(self, conn: MqttConnection, device: Device) -> bool:
         """Register the connection under its client id; an older one of the same device is
