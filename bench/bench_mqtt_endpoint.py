@@ -276,10 +276,10 @@ async def _embedded(db_url: str, workdir: Path, connections: int, per: int, idle
         idle_devices = [devices[i % len(devices)] for i in range(idle)]
         idle_topics = ["" for _ in range(idle)]
         hold = asyncio.create_task(
-            asyncio.to_thread(_run_load, port, idle_devices, idle_topics, 0, 30.0)
+            asyncio.to_thread(_run_load, port, idle_devices, idle_topics, 0, 90.0)
         )
         server = next(c for c in platform.components if c.name == "mqtt")
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 80  # each idle connection stays 90 s
         while len(server.by_client_id) < idle // PROCESSES * PROCESSES:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(server.by_client_id)} idle connections held")
