@@ -38,7 +38,18 @@ __all__ = ["main", "normalize"]
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
-MODULES = ("store", "mqtt", "amqp", "coap", "opcua", "api", "alarms", "partitions", "commands")
+MODULES = (
+    "store",
+    "mqtt",
+    "mqtt_endpoint",
+    "amqp",
+    "coap",
+    "opcua",
+    "api",
+    "alarms",
+    "partitions",
+    "commands",
+)
 # A module should take about 2 minutes; past this it is stopped and reported as timed out.
 DEFAULT_TIMEOUT_S = 180.0
 # The API load test seeds 10 million points first (about a minute, more on a busy machine).

@@ -33,6 +33,9 @@ class Settings:
     mqtts_port: int = 8883  # embedded endpoint over TLS; on when tls_cert and tls_key are set
     tls_cert: Path | None = None  # PEM server certificate (chain) for MQTTS
     tls_key: Path | None = None  # PEM private key of tls_cert
+    # PEM CA certificates (or the devices' own self-signed ones) client certificates must
+    # chain to; when set, MQTTS asks devices for a certificate (login by its fingerprint).
+    tls_client_ca: Path | None = None
     mqtt_max_connections: int = 100_000  # embedded endpoint: connections held at once
     inactivity_timeout_s: int = 600  # a device not heard from for this long is inactive
     mqtt_shared_group: str | None = None  # `$share/{group}/...` on an external broker
@@ -180,6 +183,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mqtts_port": _port,
     "tls_cert": _optional_path,
     "tls_key": _optional_path,
+    "tls_client_ca": _optional_path,
     "mqtt_max_connections": _int_between(1, 10_000_000),
     "inactivity_timeout_s": _int_between(1, 365 * 24 * 3600),
     "mqtt_shared_group": _optional_text,

@@ -150,12 +150,18 @@ async def test_taken_port_is_one_line_and_the_platform_runs(tmp_path, caplog):
         assert errors[0].exc_info is None
 
 
-async def test_mosquitto_pub_10000_messages_stored_exactly_once(tmp_path, pg_url, mqtt_port):
+@pytest.mark.parametrize(("version", "token_as_username"), [("mqttv311", False), ("mqttv5", True)])
+async def test_mosquitto_pub_10000_messages_stored_exactly_once(
+    tmp_path, pg_url, mqtt_port, version, token_as_username
+):
     env = platform_env(tmp_path, IIOT_DATABASE_URL=pg_url, IIOT_MQTT_PORT=str(mqtt_port))
     async with running_platform(env) as platform:
         [dev] = await create_devices(platform, 1)
+        # Both username forms: device id + token, and ThingsBoard's token alone.
+        username, password = (dev.token, None) if token_as_username else (dev.id, dev.token)
+        topic = "v1/devices/me/telemetry" if token_as_username else None
         done = await asyncio.to_thread(
-            mosquitto_pub_lines, mqtt_port, dev, 10_000, dev.id, dev.token
+            mosquitto_pub_lines, mqtt_port, dev, 10_000, username, password, version, topic
         )
         assert done.returncode == 0, done.stderr
         rows = await wait_for_rows(pg_url, 30_000, timeout_s=30)

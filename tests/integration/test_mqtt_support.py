@@ -264,14 +264,23 @@ def unacked_messages(host: str, port: int, client_id: str, wait_s: float = 1.5) 
 
 
 def mosquitto_pub_lines(
-    port: int, dev: Dev, count: int, username: str | None = None, password: str | None = None
+    port: int,
+    dev: Dev,
+    count: int,
+    username: str | None = None,
+    password: str | None = None,
+    version: str = "mqttv311",
+    topic: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Publish `count` messages (one per line) at QoS 1 with the `mosquitto_pub` command."""
     if shutil.which("mosquitto_pub") is None:
         pytest.skip("mosquitto_pub is not installed")
     lines = b"\n".join(payload(seq) for seq in range(count)) + b"\n"
     command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-M", "1000"]
-    command += ["-i", f"shell-{dev.id[:8]}", "-t", f"devices/{dev.id}/telemetry", "-l"]
+    command += ["-V", version, "-i", f"shell-{dev.id[:8]}", "-l"]
+    command += ["-t", topic or f"devices/{dev.id}/telemetry"]
     if username is not None:
-        command += ["-u", username, "-P", password or ""]
+        command += ["-u", username]
+        if password:
+            command += ["-P", password]
     return subprocess.run(command, input=lines, capture_output=True, timeout=120, check=False)

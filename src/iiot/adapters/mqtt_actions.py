@@ -21,7 +21,13 @@ import orjson
 
 from iiot.adapters import mqtt_topics as t
 from iiot.codec import decode_json
-from iiot.errors import DeviceDisabled, IIoTError, InvalidPayload, StorageUnavailable
+from iiot.errors import (
+    DeviceDisabled,
+    IIoTError,
+    InvalidPayload,
+    PermissionDenied,
+    StorageUnavailable,
+)
 from iiot.links import DeliveryFailed, OutboundCommand
 from iiot.model import Device
 
@@ -103,7 +109,11 @@ class Actions:
             self.server.note("invalid_payload", f"{found.action} of {_who(conn)} refused: {exc}")
             self.services.metrics.messages_refused.labels(PROTOCOL, "invalid_payload").inc()
             return _PAYLOAD_INVALID
-        except (DeliveryFailed, DeviceDisabled, StorageUnavailable) as exc:
+        except PermissionDenied as exc:
+            self.server.note(found.action, f"{found.action} of {_who(conn)} refused: {exc}")
+            self.services.metrics.messages_refused.labels(PROTOCOL, "forbidden").inc()
+            return _NOT_AUTHORIZED
+        except (DeliveryFailed, IIoTError) as exc:
             self.server.note(found.action, f"{found.action} of {_who(conn)} not done: {exc}")
             return _UNSPECIFIED
 
@@ -130,7 +140,7 @@ class Actions:
             answer: Any = await self.services.inbox.request_attributes(
                 device, _keys(request.get("clientKeys")), _keys(request.get("sharedKeys"))
             )
-        except (IIoTError, InvalidPayload) as exc:
+        except Exception as exc:  # whatever the inbox raises, the device gets an answer
             answer = {"error": str(exc)}
         _reply(conn, topic, answer)
         return 0
@@ -160,7 +170,7 @@ class Actions:
             answer = await self.services.inbox.client_rpc(
                 _device(conn), request["method"], request.get("params")
             )
-        except (IIoTError, InvalidPayload) as exc:
+        except Exception as exc:  # whatever the inbox raises, the device gets an answer
             answer = {"error": str(exc)}
         _reply(conn, topic, answer)
         return 0
@@ -237,7 +247,7 @@ class Actions:
                         child, _keys(request.get("client")), _keys(request.get("shared"))
                     )
                 )
-        except (IIoTError, InvalidPayload) as exc:
+        except Exception as exc:  # whatever the inbox raises, the device gets an answer
             answer["error"] = str(exc)
         _reply(conn, f"{t.GATEWAY_PREFIX}attributes/response", answer)
         return 0

@@ -82,6 +82,8 @@ class MqttConnection(asyncio.Protocol):
         self._next_id = 0
         self._outgoing: dict[int, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._out: list[bytes] = []  # bytes to send at the end of this loop turn
+        self._flush_due = False
         self.peer = "?"
         self.extra: dict[str, Any] = {}  # per-connection state of the topic actions
 
@@ -137,14 +139,33 @@ class MqttConnection(asyncio.Protocol):
 
     # --- writing -------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        """Send bytes unless the connection is closing."""
-        if self.transport is not None and not self.closed:
+        """Send bytes unless the connection is closing.
+
+        Written at the end of this turn of the event loop, together with whatever else is
+        due then: the PUBACKs of one committed batch go out in one send, not one each.
+        """
+        if self.transport is None or self.closed:
+            return
+        self._out.append(data)
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def close(self, code: int | None = None) -> None:
         """Close the connection (v5: with a DISCONNECT carrying `code` first)."""
         if self.closed or self.transport is None:
             return
+        self._flush()
         if code is not None and self.version == mc.V5 and self.device is not None:
             self.transport.write(mc.encode_disconnect(mc.V5, code))
         self.closed = True
@@ -183,6 +204,7 @@ class MqttConnection(asyncio.Protocol):
             assert isinstance(packet, mc.Disconnect)
             if packet.code != 0x04:  # 0x04: "disconnect with will message"
                 self.will = None
+            self._flush()
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
@@ -203,6 +225,8 @@ class MqttConnection(asyncio.Protocol):
             return
         self.client_id = packet.client_id
         self._held = []
+        if self.transport is not None:  # nothing more is read until the login is decided
+            self.transport.pause_reading()
         task = asyncio.ensure_future(self._login(packet))
         self._track(task)
 
@@ -261,7 +285,7 @@ class MqttConnection(asyncio.Protocol):
                 self.subscriptions.update(saved)
                 present = True
         else:
-            await server.sessions.drop(self.client_id)
+            server.track(server.sessions.drop(self.client_id, device))  # not awaited: CONNACK first
         if self.closed:
             return
         props: mc.Properties = {}
@@ -290,6 +314,8 @@ class MqttConnection(asyncio.Protocol):
             if self.closed:
                 return
             self._handle(queued)
+        if self.transport is not None and not self._reading_paused and not self.closed:
+            self.transport.resume_reading()
 
     def _connack(
         self, code: int, present: bool = False, props: mc.Properties | None = None

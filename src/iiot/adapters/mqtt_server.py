@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import socket
 import ssl
@@ -114,6 +113,10 @@ class MqttServer:
         context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+        if settings.tls_client_ca:
+            # Ask for a client certificate (optional: token logins still work over TLS).
+            context.load_verify_locations(cafile=str(settings.tls_client_ca))
+            context.verify_mode = ssl.CERT_OPTIONAL
         return context
 
     async def __aexit__(self, *exc: object) -> None:
@@ -123,6 +126,8 @@ class MqttServer:
         for conn in list(self.connections):
             conn.close(0x8B)  # server shutting down
         tasks = [task for conn in list(self.connections) for task in conn.cancel_tasks()]
+        if self._tasks:  # session saves and wills: short writes, let them finish
+            await asyncio.wait(list(self._tasks), timeout=5)
         tasks += list(self._tasks)
         for task in self._tasks:
             task.cancel()
@@ -160,7 +165,7 @@ class MqttServer:
         """The device behind these credentials (`AuthenticationError` if none)."""
         registry = self.services.registry
         if certificate is not None:
-            device = await self._by_certificate(hashlib.sha256(certificate).hexdigest())
+            device = await self._by_certificate(certificate)
             if device is not None:
                 return device
         username = packet.username
@@ -174,13 +179,12 @@ class MqttServer:
             return await registry.authenticate_id(username, password)
         return await registry.authenticate(username)  # ThingsBoard: the token as username
 
-    async def _by_certificate(self, fingerprint: str) -> Device | None:
-        # Provided by the store once devices carry certificate fingerprints.
-        find = getattr(self.services.store, "find_device_by_cert_fingerprint", None)
-        if find is None:
+    async def _by_certificate(self, der: bytes) -> Device | None:
+        """The device a presented client certificate is registered to (None: not registered)."""
+        try:
+            return await self.services.identity.authenticate_certificate(der)
+        except AuthenticationError:
             return None
-        device: Device | None = await find(fingerprint)
-        return device
 
     def take_over(self, conn: MqttConnection, device: Device) -> bool:
         """Register the connection under its client id; an older one of the same device is
@@ -207,7 +211,7 @@ class MqttServer:
         if conn.device is not None and conn.will is not None and not self._closing:
             self._publish_will(conn)
         if conn.device is not None and conn.persistent and not self._closing:
-            self._track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
+            self.track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
         self._forget(conn)
 
     def _forget(self, conn: MqttConnection) -> None:
@@ -227,9 +231,9 @@ class MqttServer:
             self.forbidden(conn, "forbidden_topic", f"will topic {will.topic!r} refused")
             return
         if found.action == "telemetry":
-            self._track(self._ingest_will(device, will.payload))
+            self.track(self._ingest_will(device, will.payload))
         else:
-            self._track(self.actions.run(conn, found, will.payload))
+            self.track(self.actions.run(conn, found, will.payload))
 
     async def _ingest_will(self, device: Device, body: bytes) -> None:
         try:
@@ -246,7 +250,7 @@ class MqttServer:
         for name, child in self._children(conn).items():
             self._update_link(conn, child, name)
         if conn.persistent:
-            self._track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
+            self.track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
 
     def _update_link(self, conn: MqttConnection, device: Device, child: str | None) -> None:
         key = (conn, child)
@@ -310,7 +314,8 @@ class MqttServer:
         who = f"device {conn.device.id}" if conn.device is not None else conn.client_id
         self.refusals.note(reason, f"{who} {message}")
 
-    def _track(self, coro: Any) -> None:
+    def track(self, coro: Any) -> None:
+        """Run a coroutine in the background, cancelled when the endpoint stops."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

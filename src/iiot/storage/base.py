@@ -237,6 +237,23 @@ class Store(Protocol):
         """The newest point (largest ts) of each key of a device."""
         ...
 
+    # --- MQTT sessions (the embedded endpoint's persistent sessions) -----------------
+    async def get_mqtt_session(
+        self, scope: Scope, client_id: str
+    ) -> tuple[UUID, dict[str, int]] | None:
+        """(device id, subscriptions: topic filter -> QoS) of a saved session, or None."""
+        ...
+
+    async def save_mqtt_session(
+        self, scope: Scope, client_id: str, device_id: UUID, subscriptions: dict[str, int]
+    ) -> None:
+        """Create or replace a persistent session's subscriptions."""
+        ...
+
+    async def delete_mqtt_session(self, scope: Scope, client_id: str) -> None:
+        """Forget a session (no error when there is none)."""
+        ...
+
     async def delete_telemetry_before(self, tenant_id: UUID, before_ts: int) -> int:
         """Delete a tenant's raw telemetry older than `before_ts`; returns rows removed."""
         ...

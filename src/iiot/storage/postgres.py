@@ -26,6 +26,7 @@ from iiot.storage.base import DeviceFilter, Page, Scope
 from iiot.storage.control_pg import PgControlStore
 from iiot.storage.device_filters import device_where
 from iiot.storage.postgres_devices import DEVICE_COLS, PostgresDevices, device_from_row
+from iiot.storage.postgres_mqtt_sessions import PostgresMqttSessions
 from iiot.storage.postgres_pool import (
     _RETRY_ONCE,
     _TRANSIENT,
@@ -79,7 +80,7 @@ def _user(row: Any) -> User:
 _device = device_from_row
 
 
-class PostgresStore(PostgresTelemetry, PostgresDevices):
+class PostgresStore(PostgresTelemetry, PostgresDevices, PostgresMqttSessions):
     """The `Store` on PostgreSQL (asyncpg pool); reusable, not reentrant."""
 
     def __init__(

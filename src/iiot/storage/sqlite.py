@@ -27,6 +27,7 @@ from iiot.storage.base import DeviceFilter, Page, Scope
 from iiot.storage.control_sqlite import SqliteControlStore
 from iiot.storage.device_filters import device_where
 from iiot.storage.sqlite_devices import DEVICE_COLS, SqliteDevices, device_from_row
+from iiot.storage.sqlite_mqtt_sessions import SqliteMqttSessions
 from iiot.storage.sqlite_purge import queue_purges
 from iiot.storage.sqlite_reads import SqliteReader, read_connection
 
@@ -101,7 +102,7 @@ def _split_statements(script: str) -> list[str]:
     return statements
 
 
-class SqliteStore(SqliteTelemetry, SqliteDevices):
+class SqliteStore(SqliteTelemetry, SqliteDevices, SqliteMqttSessions):
     """The `Store` on an SQLite file; reusable, not reentrant."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
