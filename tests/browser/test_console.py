@@ -66,7 +66,8 @@ async def test_login_shows_the_api_error_and_logout_ends_the_session(console: Co
     # A session whose token has expired is over, also after a reload.
     await page.evaluate(
         """() => { const s = JSON.parse(sessionStorage.getItem('iiot.session'));
-        s.expiresAt = Date.now() - 1000; sessionStorage.setItem('iiot.session', JSON.stringify(s)); }"""
+        s.expiresAt = Date.now() - 1000;
+        sessionStorage.setItem('iiot.session', JSON.stringify(s)); }"""
     )
     await page.reload()
     await expect(page.get_by_role("button", name="Log in")).to_be_visible()
