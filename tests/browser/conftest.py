@@ -82,10 +82,10 @@ class Console:
         await self.page.get_by_role("button", name="Log in").click()
         await self.page.get_by_role("button", name="Log out").wait_for()
 
-    async def screenshot(self, name: str) -> None:
+    async def screenshot(self, name: str, full_page: bool = False) -> None:
         """Save a screenshot for the docs."""
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        await self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=False)
+        await self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
     def foreign_requests(self) -> list[str]:
         """Requests the page made to any other origin."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from typing import Any
 
@@ -62,6 +63,15 @@ async def test_login_shows_the_api_error_and_logout_ends_the_session(console: Co
 
     await console.login()
     await expect(page.get_by_role("heading", name="Overview")).to_be_visible()
+    # A session whose token has expired is over, also after a reload.
+    await page.evaluate(
+        """() => { const s = JSON.parse(sessionStorage.getItem('iiot.session'));
+        s.expiresAt = Date.now() - 1000;
+        sessionStorage.setItem('iiot.session', JSON.stringify(s)); }"""
+    )
+    await page.reload()
+    await expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    await console.login()
     await page.get_by_role("button", name="Log out").click()
     await expect(page.get_by_role("button", name="Log in")).to_be_visible()
     await page.reload()  # the session is gone, not just hidden
@@ -99,12 +109,17 @@ async def test_values_over_http_and_mqtt_appear_live_on_the_device_page(console:
     tenant, _ = await _tenant_admin(console)
     device = await _device(console, tenant["id"], "boiler-7")
     now = int(time.time() * 1000)
+    # A day of one-minute points, with an hour of silence (drawn as a gap).
     points = [
         {
             "ts": now - i * 60_000,
-            "values": {"temperature": 20 + (i % 30) / 3, "pressure": 1 + i % 5},
+            "values": {
+                "temperature": round(21 + 4 * math.sin(i / 150) + (i % 7) / 10, 2),
+                "pressure": round(1.2 + 0.15 * math.cos(i / 110), 3),
+            },
         }
-        for i in range(1, 240)
+        for i in range(1, 1400)
+        if not 600 <= i < 660
     ]
     await console.api("POST", f"/api/v1/{device['token']}/telemetry", json=points)
     await console.login()
@@ -117,7 +132,7 @@ async def test_values_over_http_and_mqtt_appear_live_on_the_device_page(console:
 
     await asyncio.to_thread(_mqtt_publish, console.mqtt_port, device, {"mqtt_value": 17})
     await expect(page.locator("#latest tr[data-key=mqtt_value]")).to_contain_text("17")
-    await console.screenshot("device")
+    await console.screenshot("device", full_page=True)
 
     await page.get_by_role("link", name="Overview").click()
     await expect(page.get_by_role("heading", name="Open alarms")).to_be_visible()

@@ -29,28 +29,41 @@ async def live(base: str, headers: dict[str, str]) -> AsyncIterator[ClientConnec
     token = headers["Authorization"].removeprefix("Bearer ")
     async with websockets.connect(base.replace("http", "ws", 1) + "/api/ws") as ws:
         await ws.send(json.dumps({"type": "auth", "token": token}))
-        ready = json.loads(await ws.recv())
+        [ready] = json.loads(await ws.recv())
         assert ready["type"] == "ready", ready
         yield ws
+
+
+# Messages received but not yet looked at, per connection (a frame holds several).
+_unread: dict[int, list[Message]] = {}
+
+
+async def messages(ws: ClientConnection) -> AsyncIterator[Message]:
+    """The server's messages, one by one (each frame is an array of them)."""
+    unread = _unread.setdefault(id(ws), [])
+    while True:
+        if not unread:
+            unread.extend(json.loads(await ws.recv()))
+        yield unread.pop(0)
 
 
 async def answer(ws: ClientConnection, wanted: str) -> Message:
     """The next message of a type, skipping others (15 s at most)."""
     async with asyncio.timeout(15):
-        while True:
-            message: Message = json.loads(await ws.recv())
+        async for message in messages(ws):
             if message["type"] == wanted:
                 return message
+    raise AssertionError("unreachable")
 
 
 async def subscribe(ws: ClientConnection, topics: list[str], device_id: str | None) -> Message:
     """Subscribe and return the server's answer."""
     await ws.send(json.dumps({"type": "subscribe", "topics": topics, "device_id": device_id}))
     async with asyncio.timeout(15):
-        while True:
-            message: Message = json.loads(await ws.recv())
+        async for message in messages(ws):
             if message["type"] in ("subscribed", "error"):
                 return message
+    raise AssertionError("unreachable")
 
 
 def base_of(api: Api) -> str:
@@ -63,7 +76,7 @@ async def test_a_wrong_or_missing_token_closes_the_connection(tmp_path: Path) ->
         for first in ({"type": "auth", "token": "not-a-jwt"}, {"type": "subscribe"}):
             async with websockets.connect(url) as ws:
                 await ws.send(json.dumps(first))
-                error = json.loads(await ws.recv())
+                [error] = json.loads(await ws.recv())
                 assert error["type"] == "error"
                 with pytest.raises(websockets.ConnectionClosed) as closed:
                     await ws.recv()

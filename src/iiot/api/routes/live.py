@@ -4,7 +4,8 @@ Protocol (JSON text frames, documented in docs/api.md): the client's first messa
 `{"type": "auth", "token": "<access token>"}` (the token stays out of URLs and logs); then
 `{"type": "subscribe"|"unsubscribe", "topics": [...], "device_id": "<uuid>"|null}`.
 The server answers `ready`, `subscribed`, `unsubscribed`, `error`, and sends events as
-`{"type": topic, "kind", "device_id", "data"}`. The connection closes with code 4401 when
+`{"type": topic, "kind", "device_id", "data"}`. Every frame from the server is a JSON array
+of such messages (all that waited since the last flush). The connection closes with code 4401 when
 the token is missing, wrong or expired.
 """
 
@@ -114,8 +115,9 @@ async def overview(request: Request, principal: Auth, services: Svc) -> Overview
     )
 
 
-async def _send(ws: WebSocket, message: dict[str, Any]) -> None:
-    await ws.send_text(orjson.dumps(message).decode())
+async def _send(ws: WebSocket, *messages: dict[str, Any]) -> None:
+    """One frame: a JSON array of messages (one frame per flush, however many updates)."""
+    await ws.send_text(orjson.dumps(messages).decode())
 
 
 async def _authenticate(ws: WebSocket) -> tuple[Viewer, dict[str, Any], float] | None:
@@ -205,9 +207,8 @@ async def _pump(ws: WebSocket, viewer: Viewer, expires_at: float) -> None:
             async with asyncio.timeout(min(remaining, 30)):
                 await viewer.wake.wait()
         messages = viewer.take()
-        for message in messages:
-            await _send(ws, message)
         if messages:
+            await _send(ws, *messages)
             await asyncio.sleep(FLUSH_INTERVAL_S)
 
 

@@ -28,12 +28,21 @@ function setSession(value) {
   clearTimeout(expiryTimer);
   if (value) {
     sessionStorage.setItem(KEY, JSON.stringify(value));
-    // The session ends exactly when the access token does.
-    expiryTimer = setTimeout(() => logout("Your session expired: log in again."), value.expiresAt - Date.now());
+    scheduleExpiry(value);
   } else {
     sessionStorage.removeItem(KEY);
   }
   for (const fn of listeners) fn(session);
+}
+
+// The session ends exactly when the access token does (re-armed: timers hold at most ~24.8 days).
+function scheduleExpiry(value) {
+  const left = value.expiresAt - Date.now();
+  expiryTimer = setTimeout(() => {
+    if (session !== value) return;
+    if (Date.now() >= value.expiresAt) logout("Your session expired: log in again.");
+    else scheduleExpiry(value);
+  }, Math.max(0, Math.min(left, 2 ** 31 - 1)));
 }
 
 export function onSession(fn) {

@@ -1,5 +1,5 @@
 // The console shell: session, navigation by role, and the hash router.
-import { api, canWrite, currentSession, isSysadmin, logout, onSession, role } from "./api.js";
+import { canWrite, currentSession, logout, onSession } from "./api.js";
 import { clear, errorBox, h } from "./dom.js";
 import { connectLive, disconnectLive, onLiveStatus } from "./live.js";
 import * as loginView from "./views/login.js";
@@ -101,5 +101,4 @@ onSession((s) => {
   }
 });
 window.addEventListener("hashchange", route);
-window.iiot = { role, isSysadmin, api };
 route();

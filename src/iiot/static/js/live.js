@@ -40,19 +40,9 @@ function open() {
   socket = ws;
   // The token travels in the first message, never in the URL (URLs end up in logs).
   ws.addEventListener("open", () => ws.send(JSON.stringify({ type: "auth", token })));
+  // Each frame is an array of messages: everything that waited since the server's last flush.
   ws.addEventListener("message", (event) => {
-    const message = JSON.parse(event.data);
-    if (message.type === "ready") {
-      retry = 500;
-      setReady(true);
-      for (const sub of subscriptions.values()) send(sub, "subscribe");
-      return;
-    }
-    for (const sub of subscriptions.values()) {
-      if (!sub.topics.includes(message.type)) continue;
-      if (sub.deviceId && message.device_id !== sub.deviceId) continue;
-      sub.handler(message);
-    }
+    for (const message of JSON.parse(event.data)) dispatch(message);
   });
   ws.addEventListener("close", (event) => {
     if (socket !== ws) return;
@@ -61,6 +51,20 @@ function open() {
     setTimeout(open, retry);
     retry = Math.min(retry * 2, 10000);
   });
+}
+
+function dispatch(message) {
+  if (message.type === "ready") {
+    retry = 500;
+    setReady(true);
+    for (const sub of subscriptions.values()) send(sub, "subscribe");
+    return;
+  }
+  for (const sub of subscriptions.values()) {
+    if (!sub.topics.includes(message.type)) continue;
+    if (sub.deviceId && message.device_id !== sub.deviceId) continue;
+    sub.handler(message);
+  }
 }
 
 function send(sub, type) {

@@ -124,7 +124,10 @@ export async function render(main, [id]) {
       return;
     }
     if (m.type === "device") device = m.data;
-    else Object.assign(device, { connected: m.kind === "connected", last_seen: m.data.last_seen ?? device.last_seen });
+    else {
+      const byKind = { connected: true, disconnected: false }[m.kind];
+      device = { ...device, connected: m.data.connected ?? byKind ?? device.connected, last_seen: m.data.last_seen ?? device.last_seen };
+    }
     drawHead();
   }));
   return () => cleanups.forEach((fn) => fn());
