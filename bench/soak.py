@@ -195,6 +195,16 @@ async def send_amqp(s: Sender, url: str, stop: asyncio.Event) -> None:
             await asyncio.sleep(0.5)
 
 
+def _published(info: paho.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged the message within 5 s (paho raises while offline)."""
+    try:
+        info.wait_for_publish(5)
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        time.sleep(0.5)
+        return False
+
+
 def send_mqtt(s: Sender, port: int, stop: asyncio.Event) -> None:
     """Blocking (paho's own thread): QoS 1, waits for each PUBACK, retries on failure."""
     client = paho.Client(
@@ -211,9 +221,7 @@ def send_mqtt(s: Sender, port: int, stop: asyncio.Event) -> None:
         while not stop.is_set():
             s.sent += 1
             info = client.publish(f"devices/{s.device.id}/telemetry", body(seq), qos=1)
-            with contextlib.suppress(RuntimeError, ValueError):
-                info.wait_for_publish(5)
-            if info.is_published():
+            if _published(info):
                 s.acked.add(seq)
                 seq += 1
             else:
