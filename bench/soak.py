@@ -30,6 +30,7 @@ import getpass
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -369,6 +370,10 @@ async def soak(duration_s: float, seed: int) -> int:
                 f"{missing} | {duplicates}"
             )
         print("FAILED: acknowledged points lost or duplicated" if failed else "OK: exactly once")
+        if failed:
+            kept = Path.cwd() / "soak-platform.log"
+            shutil.copyfile(root / "platform.log", kept)
+            print(f"the platform's log: {kept}")
         return 1 if failed else 0
 
 
