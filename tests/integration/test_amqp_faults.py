@@ -126,7 +126,14 @@ async def test_rabbitmqctl_close_all_connections_mid_run(
         await wait_points(pg_url, 6_000, 60)
         done = await asyncio.to_thread(
             subprocess.run,
-            ["rabbitmqctl", "close_all_connections", "iiot fault test"],
+            # Only the test's vhost (the default is "/" alone): other users are left alone.
+            [
+                "rabbitmqctl",
+                "close_all_connections",
+                "--vhost",
+                urlsplit(clean_broker).path[1:] or "/",
+                "iiot fault test",
+            ],
             capture_output=True,
             timeout=60,
         )

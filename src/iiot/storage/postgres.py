@@ -622,7 +622,8 @@ class PostgresStore:
                     _common.check_user_tenant(Role(role), row["tenant_id"])
                 row = await conn.fetchrow(
                     "UPDATE users SET password_hash = coalesce($2, password_hash),"
-                    " role = coalesce($3, role), token_version = token_version + 1"
+                    " role = coalesce($3, role), token_version = token_version"
+                    " + CASE WHEN $2::text IS NULL AND $3::text IS NULL THEN 0 ELSE 1 END"
                     f" WHERE id = $1 RETURNING {_USER_COLS}",
                     user_id,
                     password_hash,

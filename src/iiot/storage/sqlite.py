@@ -426,8 +426,13 @@ class SqliteStore:
                 _common.check_user_tenant(new_role, current.tenant_id)
                 self._db.execute(
                     "UPDATE users SET password_hash = ?, role = ?,"
-                    " token_version = token_version + 1 WHERE id = ?",
-                    (password_hash or current.password_hash, new_role.value, user_id.bytes),
+                    " token_version = token_version + ? WHERE id = ?",
+                    (
+                        password_hash or current.password_hash,
+                        new_role.value,
+                        0 if password_hash is None and role is None else 1,
+                        user_id.bytes,
+                    ),
                 )
                 return self._user_row(scope, user_id)
 
