@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@test -e /usr/include/amqp.h || { apt-get update -qq && apt-get install -y -qq librabbitmq-dev gcc >/dev/null; }
 	$(BIN)/python -m bench.run_all
+
+# Not part of `make test`: every protocol at once with random faults, then an exactly-once
+# check (10 minutes by default; SOAK_S=120 make soak for a short run).
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --duration $${SOAK_S:-600}
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

@@ -21,7 +21,7 @@ from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 from asyncua.server.user_managers import UserManager
 
-from iiot.adapters.opcua_auth import PlatformUser
+from iiot.adapters.opcua_auth import PlatformUser, PlatformUserManager
 
 __all__ = ["CURRENT_USER", "NodeOwners", "TenantInternalServer", "TenantSession"]
 
@@ -101,6 +101,10 @@ class TenantSession(InternalSession):
         refuse: Callable[[], R],
     ) -> list[R]:
         """Serve the visible items, answer the others with `refuse()`, in request order."""
+        user = self._platform_user()
+        manager = self.iserver.user_manager
+        if user is not None and isinstance(manager, PlatformUserManager):
+            await manager.refresh(user)  # a deleted or demoted user loses rights at once
         mask = [all(self.visible(n) for n in nodeids(item)) for item in items]
         if all(mask):
             return await serve(list(items))

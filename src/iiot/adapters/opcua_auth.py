@@ -23,7 +23,7 @@ from asyncua.server.user_managers import UserManager
 
 from iiot.errors import StorageUnavailable
 from iiot.model import Role
-from iiot.security import hash_password, verify_password
+from iiot.security import LoginThrottle, TooManyAttempts, hash_password, verify_password
 from iiot.services import Services
 
 if TYPE_CHECKING:
@@ -42,17 +42,26 @@ _MAX_VERDICTS = 10_000
 class PlatformUser(User):
     """An OPC UA session's user: which tenant it may see and whether it may change things."""
 
-    tenant_id: UUID | None = None  # None with sysadmin or anonymous: every tenant
+    tenant_id: UUID | None = None  # None with sysadmin: every tenant
     platform_role: Role | None = None  # None: anonymous (only when explicitly allowed)
+    user_id: UUID | None = None  # the platform user (None: anonymous)
 
     @property
     def all_tenants(self) -> bool:
-        """Whether this user sees every tenant (sysadmin, or anonymous when allowed)."""
-        return self.tenant_id is None
+        """Whether this user sees every tenant (a sysadmin)."""
+        return self.platform_role is Role.SYSADMIN
 
     def can_see(self, tenant_id: UUID | None) -> bool:
-        """Whether nodes of this tenant are visible (None: a node of no tenant)."""
-        return tenant_id is None or self.tenant_id is None or self.tenant_id == tenant_id
+        """Whether nodes of this tenant are visible (None: a node of no tenant).
+
+        An anonymous session (IIOT_OPCUA_ALLOW_NONE=1) and a user deleted since login see
+        no tenant at all: only the server's own nodes.
+        """
+        if tenant_id is None:
+            return True
+        if self.platform_role is None:
+            return False
+        return self.platform_role is Role.SYSADMIN or self.tenant_id == tenant_id
 
     def can_change(self, tenant_id: UUID) -> bool:
         """Whether this user may change a device of this tenant (as the REST API allows)."""
@@ -68,6 +77,7 @@ class PlatformUserManager(UserManager):
         self._store = services.store
         self._metrics = services.metrics
         self._allow_anonymous = allow_anonymous
+        self._throttle = LoginThrottle(services.settings.login_attempts_per_minute)
         self._secret = secrets.token_bytes(32)  # keys verdicts without keeping passwords
         self._verdicts: dict[bytes, tuple[float, PlatformUser | None]] = {}
         # Compared against when the username is unknown, so both cases take as long.
@@ -77,9 +87,21 @@ class PlatformUserManager(UserManager):
         message = username.encode("utf-8") + b"\0" + password.encode("utf-8")
         return hmac.new(self._secret, message, hashlib.sha256).digest()
 
-    async def preverify(self, username: str, password: str) -> None:
+    async def preverify(self, username: str, password: str, address: str = "") -> None:
         """Check credentials (bcrypt in a thread) and keep the verdict for `get_user`."""
-        user = await self._verify(username, password)
+        try:
+            # Throttled per username and client address, as REST logins are.
+            self._throttle.check(username, address)
+        except TooManyAttempts as exc:
+            self._metrics.auth_failures.labels("opcua").inc()
+            log.info("OPC UA login of %r refused: %s", username, exc)
+            user = None
+        else:
+            user = await self._verify(username, password)
+            if user is None:
+                self._throttle.failed(username, address)
+            else:
+                self._throttle.succeeded(username, address)
         now = time.monotonic()
         if len(self._verdicts) >= _MAX_VERDICTS:
             self._verdicts = {k: v for k, v in self._verdicts.items() if v[0] > now}
@@ -104,7 +126,25 @@ class PlatformUserManager(UserManager):
             name=record.username,
             tenant_id=record.tenant_id,
             platform_role=record.role,
+            user_id=record.id,
         )
+
+    async def refresh(self, user: PlatformUser) -> None:
+        """Bring a session's user up to date: a deleted user loses every right, a demoted
+        or moved one keeps only the new role's (as the REST API reloads users per call)."""
+        if user.user_id is None:
+            return
+        try:
+            record = await self._store.find_user(user.name or "")
+        except StorageUnavailable:
+            return  # keep what the session had; the next request tries again
+        if record is None or record.id != user.user_id:
+            user.platform_role = None
+            user.tenant_id = None
+            user.user_id = None
+            return
+        user.platform_role = record.role
+        user.tenant_id = record.tenant_id
 
     def get_user(
         self,

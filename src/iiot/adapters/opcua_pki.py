@@ -31,6 +31,9 @@ ua: Any = _ua
 
 log = logging.getLogger(__name__)
 
+# Rejected client certificates kept (the newest); older ones are deleted.
+MAX_REJECTED = 100
+
 # The server's ApplicationUri; it must also appear in its certificate's subjectAltName.
 APPLICATION_URI = "urn:iiot:platform:server"
 
@@ -84,14 +87,33 @@ class Pki:
         return False
 
     def reject(self, cert: x509.Certificate) -> Path:
-        """Copy an unknown client certificate into `rejected/` (named by its thumbprint)."""
+        """Copy an unknown client certificate into `rejected/` (named by its thumbprint).
+
+        The folder keeps the newest `MAX_REJECTED` certificates: anyone can offer a new
+        self-signed certificate per connection, so without a bound it fills the disk.
+        """
         der = cert.public_bytes(serialization.Encoding.DER)
         thumb = hashlib.sha1(der, usedforsecurity=False).hexdigest()  # the OPC UA thumbprint
         path = self.rejected / f"{_safe_name(cert)}[{thumb}].der"
         self.rejected.mkdir(parents=True, exist_ok=True)
         if not path.exists():
+            self._make_room(MAX_REJECTED - 1)
             path.write_bytes(der)
         return path
+
+    def _make_room(self, keep: int) -> None:
+        """Delete the oldest rejected certificates beyond `keep`."""
+        try:
+            found = sorted(
+                (entry.stat().st_mtime, entry)
+                for entry in self.rejected.iterdir()
+                if entry.is_file()
+            )
+        except OSError:
+            return
+        for _, entry in found[: max(0, len(found) - keep)]:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
     async def validate(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
         """asyncua certificate validator: trusted clients pass, others are refused and kept."""

@@ -61,7 +61,9 @@ class AuthProcessor(UaProcessor):
             username, password = self.iserver.decrypt_user_token(session, token)
         except (ua.UaError, struct.error, ValueError, UnicodeDecodeError):
             return  # asyncua refuses the undecipherable token itself
-        await self.users.preverify(username or "", password or "")
+        peer = self.name
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer or "")
+        await self.users.preverify(username or "", password or "", address)
 
 
 class _Protocol(OPCUAProtocol):
