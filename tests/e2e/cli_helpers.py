@@ -37,9 +37,9 @@ def iiot(
     )
 
 
-def wait_until(probe: Callable[[], T | None], what: str) -> T:
-    """Call `probe` until it returns something (not None); fail after WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
+def wait_until(probe: Callable[[], T | None], what: str, timeout_s: float = WAIT_S) -> T:
+    """Call `probe` until it returns something (not None); fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
     while True:
         result = probe()
         if result is not None:

@@ -121,7 +121,7 @@ def _uals(port: int, security: str, node: str) -> subprocess.CompletedProcess[st
         [
             *(Path(sys.executable).parent / "uals", "-u", f"opc.tcp://127.0.0.1:{port}/iiot/"),
             *(f"--security={security}", "--user", "admin", "--password", ADMIN_PASSWORD),
-            *("-n", node, "-d", "3"),
+            *("-n", node, "-d", "3", "--timeout", "10"),
         ],
         env=clean_environ({}),
         capture_output=True,
@@ -146,12 +146,15 @@ def _running_platform_follows_the_cli(env: dict[str, str], tmp_path: Path) -> No
         created = _ok(iiot(env, "device", "create", "--tenant", "acme", "--name", "press-1"))
         device_id, token = _token(created)
 
-        def listed() -> str | None:
+        def tree(present: bool) -> str | None:
+            """The browsed tree once the device is in it (present) or gone from it."""
             done = _uals(opcua, security, "ns=2;s=Tenants")
-            return done.stdout if f"device:{device_id}" in done.stdout else None
+            if done.returncode != 0:
+                return None  # the client failed: no answer either way
+            return done.stdout if (f"device:{device_id}" in done.stdout) == present else None
 
         # In the OPC UA address space before the device sends anything.
-        assert "press-1" in wait_until(listed, "the new device in OPC UA")
+        assert "press-1" in wait_until(lambda: tree(True), "the device in OPC UA", timeout_s=60)
 
         url = f"{http}/api/v1/{token}/telemetry"
         assert httpx.post(url, json={"t": 1}, timeout=10).status_code == 200
@@ -161,7 +164,7 @@ def _running_platform_follows_the_cli(env: dict[str, str], tmp_path: Path) -> No
             "the device refused after `device disable`",
         )
         _ok(iiot(env, "device", "delete", device_id, "--yes"))
-        wait_until(lambda: None if listed() else True, "the device gone from OPC UA")
+        assert "acme" in wait_until(lambda: tree(False), "the device gone from OPC UA", 60)
 
         _ok(iiot({**env, "IIOT_NEW_PASSWORD": "password-one"}, "user", "create",
                  "--username", "bob", "--tenant", "acme"))  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.cli_helpers import clean_environ
+from tests.e2e.cli_helpers import clean_environ, wait_until
 from tests.support import free_port, services_required, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def test_send_a_first_message_works_as_written(tmp_path: Path) -> None:
     _need("curl", "curl")
     block = readme_block("## Send a first message")
     opcua_block = readme_block("### asyncua's command-line tools", OPCUA_DOC)
-    marker = "=== opcua ==="
+    marker = "=== device: "
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     ports = {
         "IIOT_HTTP_PORT": str(free_port()),
@@ -69,25 +69,45 @@ def test_send_a_first_message_works_as_written(tmp_path: Path) -> None:
     try:
         wait_for_port("127.0.0.1", int(ports["IIOT_HTTP_PORT"]))
         wait_for_port("127.0.0.1", int(ports["IIOT_MQTT_PORT"]))
-        done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", f"{block}\necho '{marker}'\n{opcua_block}"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        # The README block, then what the OPC UA block needs from it (the device id).
+        first = _bash(f'{block}\necho "{marker}$DEVICE_ID"', tmp_path, env)
+        assert first.returncode == 0, f"{first.stdout}\n{first.stderr}"
+        output, device_id = first.stdout.rsplit(marker, 1)
+        latest = json.loads(output.strip().splitlines()[-1])
+        values = {key: point["value"] for key, point in latest.items()}
+        assert values == {"temperature": 21.5, "running": True, "pressure": 1.013, "humidity": 40.5}
+
+        # The OPC UA variables appear once the committed values reach the address space
+        # (a moment after the REST answer): run the documented block until they are there.
+        last: list[str] = []
+
+        def opcua_block_works() -> str | None:
+            done = _bash(opcua_block, tmp_path, {**env, "DEVICE_ID": device_id.strip()})
+            last[:] = [done.stdout, done.stderr]
+            return done.stdout if done.returncode == 0 else None
+
+        try:
+            what = "the OPC UA block of docs/protocols-opcua.md"
+            opcua = wait_until(opcua_block_works, what, timeout_s=90)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its last output:\n" + "\n".join(last)) from None
     finally:
         platform.terminate()
         platform.wait(timeout=30)
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
-    first, opcua = done.stdout.split(marker)
-    latest = json.loads(first.strip().splitlines()[-1])
-    values = {key: point["value"] for key, point in latest.items()}
-    assert values == {"temperature": 21.5, "running": True, "pressure": 1.013, "humidity": 40.5}
     # uals shows the device's variables; uaread its value; uahistoryread the stored point.
     assert "press-1" in opcua
     assert "telemetry:humidity" in opcua
     lines = opcua.splitlines()
     assert "21.5" in lines
     assert any(line.split()[-2:] == ["Good", "21.5"] for line in lines if line.split())
+
+
+def _bash(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

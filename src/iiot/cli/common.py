@@ -86,7 +86,14 @@ async def changes(settings: Settings) -> AsyncIterator[LiveBus]:
     events: list[LiveEvent] = []
     while not queue.empty():
         events.append(queue.get_nowait())
-    await announce(settings, events)
+    try:
+        await announce(settings, events)
+    except Exception as exc:  # the change itself is stored: say so rather than fail
+        print(
+            f"iiot: warning: the change is stored, but running platforms were not told of "
+            f"it at once: {exc}",
+            file=sys.stderr,
+        )
 
 
 async def find_tenant(store: Store, ref: str) -> Tenant:
