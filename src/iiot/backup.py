@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sqlite3
 import tarfile
 import tempfile
@@ -40,9 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
-from uuid import UUID
 
 from iiot import __version__
+from iiot.backup_format import KINDS, SERIALS, TABLES, decode, encode
 from iiot.errors import IIoTError, StorageUnavailable
 from iiot.storage import open_store
 
@@ -51,58 +50,6 @@ __all__ = ["BackupError", "Manifest", "TableEntry", "backup", "read_manifest", "
 FORMAT = "iiot-backup"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-# (table, ((column, kind), ...)) in restore order (parents before children). Kinds say how
-# a SQLite value maps to the COPY text form: uuid (16-byte blob), text, int, float, bool.
-_TABLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    (
-        "tenants",
-        (("id", "uuid"), ("name", "text"), ("created_at", "int"), ("retention_days", "int")),
-    ),
-    (
-        "users",
-        (
-            ("id", "uuid"),
-            ("username", "text"),
-            ("password_hash", "text"),
-            ("role", "text"),
-            ("tenant_id", "uuid"),
-            ("created_at", "int"),
-        ),
-    ),
-    (
-        "devices",
-        (
-            ("id", "uuid"),
-            ("tenant_id", "uuid"),
-            ("name", "text"),
-            ("status", "text"),
-            ("token_hash", "text"),
-            ("created_at", "int"),
-            ("type", "text"),
-            ("gateway_id", "uuid"),
-            ("last_seen", "int"),
-            ("connected", "bool"),
-            ("cert_fingerprint", "text"),
-        ),
-    ),
-    *(
-        (
-            name,
-            (
-                ("device_id", "uuid"),
-                ("key", "text"),
-                ("ts", "int"),
-                ("num_value", "float"),
-                ("int_value", "int"),
-                ("bool_value", "bool"),
-                ("str_value", "text"),
-            ),
-        )
-        for name in ("telemetry", "telemetry_latest")
-    ),
-)
-_KINDS = {name: dict(columns) for name, columns in _TABLES}
 
 
 class BackupError(IIoTError):
@@ -141,7 +88,9 @@ class Manifest:
         """One line for operators: counts per kind of object."""
         return (
             f"{self.rows('tenants')} tenants, {self.rows('users')} users, "
-            f"{self.rows('devices')} devices, {self.rows('telemetry')} points "
+            f"{self.rows('devices')} devices, {self.rows('telemetry')} points, "
+            f"{self.rows('commands')} commands, {self.rows('alarm_rules')} alarm rules, "
+            f"{self.rows('alarms')} alarms, {self.rows('webhooks')} webhooks "
             f"({self.store}, schema {self.schema_version}, made {self.created_at})"
         )
 
@@ -182,60 +131,6 @@ def _telemetry_rows(columns: tuple[tuple[str, str], ...]) -> str:
         f"SELECT {names} FROM telemetry t WHERE NOT EXISTS"
         " (SELECT 1 FROM telemetry_purges p WHERE p.device_id = t.device_id)"
     )
-
-
-# --- COPY text format ------------------------------------------------------------------
-_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_ESCAPE_RE = re.compile(r"[\\\t\n\r]")
-_UNESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
-_UNESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-
-
-def _escape(text: str) -> str:
-    return _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group()], text)
-
-
-def _unescape_one(match: re.Match[str]) -> str:
-    code = match.group(1)
-    if code[0] == "x" and len(code) > 1:
-        return chr(int(code[1:], 16))
-    if code[0] in "01234567":
-        return chr(int(code, 8))
-    return _UNESCAPES.get(code, code)
-
-
-def _unescape(text: str) -> str:
-    return _UNESCAPE_RE.sub(_unescape_one, text) if "\\" in text else text
-
-
-def _encode(value: Any, kind: str) -> str:
-    """A SQLite value as a COPY text field."""
-    if value is None:
-        return "\\N"
-    if kind == "uuid":
-        return str(UUID(bytes=value))
-    if kind == "bool":
-        return "t" if value else "f"
-    if kind == "int":
-        return str(int(value))
-    if kind == "float":
-        return repr(float(value))  # shortest text that reads back to the same double
-    return _escape(str(value))
-
-
-def _decode(text: str, kind: str) -> Any:
-    """A COPY text field as a SQLite value."""
-    if text == "\\N":
-        return None
-    if kind == "uuid":
-        return UUID(text).bytes
-    if kind == "bool":
-        return 1 if text == "t" else 0
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    return _unescape(text)
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -317,12 +212,12 @@ async def _backup(database_url: str, kind: str, path: Path) -> Manifest:
                 _dump_sqlite, _sqlite_path(database_url), folder
             )
         tables = {}
-        for name, columns in _TABLES:
+        for name, (columns, rows) in counts.items():
             data = folder / f"{name}.tsv.gz"
             tables[name] = TableEntry(
                 file=f"data/{name}.tsv.gz",
-                columns=[c for c, _ in columns],
-                rows=counts[name],
+                columns=columns,
+                rows=rows,
                 bytes=data.stat().st_size,
                 sha256=await asyncio.to_thread(_sha256, data),
             )
@@ -331,7 +226,22 @@ async def _backup(database_url: str, kind: str, path: Path) -> Manifest:
     return manifest
 
 
-async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
+# What a dump returns: the schema version, and per table the columns written and row count.
+_Dumped = tuple[int, dict[str, tuple[list[str], int]]]
+
+
+def _present(existing: dict[str, set[str]]) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The tables to dump, with their columns, as far as the database has them.
+
+    A database whose schema predates a table or column (not yet upgraded by `iiot run`)
+    is backed up without it; a restore then leaves it empty or at its default.
+    """
+    for name, columns in TABLES:
+        if name in existing:
+            yield name, tuple((c, k) for c, k in columns if c in existing[name])
+
+
+async def _dump_postgres(url: str, folder: Path) -> _Dumped:
     import asyncpg
 
     from iiot.storage.postgres import PG_CURRENT_LATEST
@@ -340,12 +250,19 @@ async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
         conn = await asyncpg.connect(url, timeout=10)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise StorageUnavailable(f"cannot connect to {_describe(url)}: {exc}") from exc
-    counts: dict[str, int] = {}
+    counts: dict[str, tuple[list[str], int]] = {}
     try:
         # One snapshot for every table: rows committed during the dump are not in it.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             schema = await _pg_schema_version(conn, url)
-            for name, columns in _TABLES:
+            await conn.execute("SET LOCAL bytea_output = 'hex'")  # the form restores read
+            existing: dict[str, set[str]] = {}
+            for row in await conn.fetch(
+                "SELECT table_name, column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema()"
+            ):
+                existing.setdefault(row["table_name"], set()).add(row["column_name"])
+            for name, columns in _present(existing):
                 with gzip.open(folder / f"{name}.tsv.gz", "wb", compresslevel=1) as out:
                     if name == "telemetry_latest":
                         # The table may lag the stored points by one refresh: the values
@@ -362,7 +279,7 @@ async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
                         status = await conn.copy_from_table(
                             name, output=out, columns=[c for c, _ in columns], format="text"
                         )
-                counts[name] = int(status.split()[-1])
+                counts[name] = ([c for c, _ in columns], int(status.split()[-1]))
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         raise StorageUnavailable(f"{_describe(url)} became unavailable: {exc}") from exc
     finally:
@@ -400,7 +317,7 @@ def _connect_sqlite(path: Path, *, create: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
+def _dump_sqlite(path: Path, folder: Path) -> _Dumped:
     snapshot_path = folder / "snapshot.db"
     source = _connect_sqlite(path)
     snapshot = sqlite3.connect(snapshot_path)
@@ -412,10 +329,17 @@ def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
         raise StorageUnavailable(f"SQLite backup of {path} failed: {exc}") from exc
     finally:
         source.close()
-    counts: dict[str, int] = {}
+    counts: dict[str, tuple[list[str], int]] = {}
     try:
         schema = _sqlite_schema_version(snapshot, f"SQLite database {path}")
-        for name, columns in _TABLES:
+        existing = {
+            name: {
+                column
+                for (column,) in snapshot.execute("SELECT name FROM pragma_table_info(?)", (name,))
+            }
+            for (name,) in snapshot.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+        }
+        for name, columns in _present(existing):
             names = ", ".join(c for c, _ in columns)
             kinds = [k for _, k in columns]
             rows = 0
@@ -428,9 +352,9 @@ def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
                     else f"SELECT {names} FROM {name}"
                 )
                 for row in snapshot.execute(select):
-                    out.write("\t".join(map(_encode, row, kinds)) + "\n")
+                    out.write("\t".join(map(encode, row, kinds)) + "\n")
                     rows += 1
-            counts[name] = rows
+            counts[name] = ([c for c, _ in columns], rows)
     finally:
         snapshot.close()
         snapshot_path.unlink(missing_ok=True)
@@ -486,9 +410,9 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 def _check_tables(manifest: Manifest) -> None:
     for name, entry in manifest.tables.items():
-        if name not in _KINDS:
+        if name not in KINDS:
             raise BackupError(f"the backup holds an unknown table {name!r}")
-        unknown = [c for c in entry.columns if c not in _KINDS[name]]
+        unknown = [c for c in entry.columns if c not in KINDS[name]]
         if unknown:
             raise BackupError(f"the backup's table {name} has unknown columns {unknown}")
 
@@ -562,18 +486,17 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
                 name: int(
                     await conn.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1) AS x")
                 )
-                for name, _ in _TABLES
+                for name, _ in TABLES
             }
             if not force:
                 _refuse_non_empty(counts, where)
             else:
                 await lock_out_writers(conn)  # a running platform must recheck its devices
-                # CASCADE: tables outside the backup that refer to these (alarms, rules,
-                # webhooks, commands) are emptied with them, as a restore into a new
-                # database would be.
-                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)} CASCADE")
+                # CASCADE: any table outside the backup that refers to these is emptied
+                # with them, as a restore into a new database would be.
+                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in TABLES)} CASCADE")
                 await conn.execute("TRUNCATE telemetry_purges")  # nothing left to purge
-            for name, _ in _TABLES:
+            for name, _ in TABLES:
                 entry = manifest.tables.get(name)
                 if entry is None:
                     continue
@@ -586,12 +509,29 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
                     data.close()
                     tar.close()
                 _check_count(name, int(status.split()[-1]), entry)
+            # Deferred foreign keys (a device's gateway) are checked here, not at commit,
+            # so that a violation is reported as a refused restore like any other.
+            await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            await _continue_sequences(conn)
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
         raise StorageUnavailable(f"{where} became unavailable; nothing restored: {exc}") from exc
     except (asyncpg.PostgresError, gzip.BadGzipFile, EOFError, tarfile.TarError) as exc:
         raise BackupError(f"restore into {where} failed, nothing changed: {exc}") from exc
     finally:
         await conn.close()
+
+
+async def _continue_sequences(conn: Any) -> None:
+    """Make each serial column number new rows above the restored ones.
+
+    Sequences are not transactional, so one is never moved back: should the restore
+    fail after this, the rows it leaves in place still get fresh numbers.
+    """
+    for table, column in SERIALS.items():
+        sequence = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", table, column)
+        top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")
+        last = await conn.fetchval(f"SELECT last_value FROM {sequence}")
+        await conn.execute("SELECT setval($1::regclass, $2)", sequence, max(top, last, 1))
 
 
 def _check_count(name: str, loaded: int, entry: TableEntry) -> None:
@@ -614,19 +554,21 @@ def _load_sqlite(db_path: Path, path: Path, manifest: Manifest, force: bool) -> 
                 name: conn.execute(
                     f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1)"
                 ).fetchone()[0]
-                for name, _ in _TABLES
+                for name, _ in TABLES
             }
             if not force:
                 _refuse_non_empty(counts, where)
             else:
-                for name, _ in reversed(_TABLES):
+                for name, _ in reversed(TABLES):
                     conn.execute(f"DELETE FROM {name}")
                 conn.execute("DELETE FROM telemetry_purges")  # nothing left to purge
-            for name, _ in _TABLES:
+            # AUTOINCREMENT columns (SERIALS) need nothing more: SQLite keeps numbering
+            # above the largest value ever inserted, restored ones included.
+            for name, _ in TABLES:
                 entry = manifest.tables.get(name)
                 if entry is None:
                     continue
-                kinds = [_KINDS[name][c] for c in entry.columns]
+                kinds = [KINDS[name][c] for c in entry.columns]
                 tar, data = _open_table(path, entry)
                 try:
                     cursor = conn.executemany(
@@ -655,4 +597,4 @@ def _rows(lines: IO[str], kinds: list[str]) -> Iterator[tuple[Any, ...]]:
         fields = line.rstrip("\n").split("\t")
         if len(fields) != len(kinds):
             raise ValueError(f"a row has {len(fields)} fields, expected {len(kinds)}")
-        yield tuple(map(_decode, fields, kinds))
+        yield tuple(map(decode, fields, kinds))
