@@ -310,6 +310,18 @@ async def restore(database_url: str, path: Path, *, force: bool = False) -> Mani
     return manifest
 
 
+def _target_tables(present: set[str], manifest: Manifest, where: str) -> list[str]:
+    """The backed-up tables the target has, in restore order.
+
+    A table this version knows may be missing from a target whose schema (at the backup's
+    version or later) never had it; a backup holding rows for such a table is refused.
+    """
+    lacking = sorted(name for name in manifest.tables if name not in present)
+    if lacking:
+        raise BackupError(f"{where} has no table {', '.join(lacking)} that the backup holds")
+    return [name for name, _ in TABLES if name in present]
+
+
 def _check_schema(manifest: Manifest, target: int, where: str) -> None:
     if manifest.schema_version > target:
         raise BackupError(
@@ -341,11 +353,19 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
     try:
         async with conn.transaction():
             _check_schema(manifest, await _pg_schema_version(conn, url), where)
+            present = {
+                row[0]
+                for row in await conn.fetch(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = current_schema()"
+                )
+            }
+            tables = _target_tables(present, manifest, where)
             counts = {
                 name: int(
                     await conn.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1) AS x")
                 )
-                for name, _ in TABLES
+                for name in tables
             }
             if not force:
                 _refuse_non_empty(counts, where)
@@ -353,9 +373,9 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
                 await lock_out_writers(conn)  # a running platform must recheck its devices
                 # CASCADE: any table outside the backup that refers to these is emptied
                 # with them, as a restore into a new database would be.
-                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in TABLES)} CASCADE")
+                await conn.execute(f"TRUNCATE {', '.join(tables)} CASCADE")
                 await conn.execute("TRUNCATE telemetry_purges")  # nothing left to purge
-            for name, _ in TABLES:
+            for name in tables:
                 entry = manifest.tables.get(name)
                 if entry is None:
                     continue
@@ -409,21 +429,26 @@ def _load_sqlite(db_path: Path, path: Path, manifest: Manifest, force: bool) -> 
         _check_schema(manifest, _sqlite_schema_version(conn, where), where)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            present = {
+                name
+                for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+            }
+            tables = _target_tables(present, manifest, where)
             counts = {
                 name: conn.execute(
                     f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1)"
                 ).fetchone()[0]
-                for name, _ in TABLES
+                for name in tables
             }
             if not force:
                 _refuse_non_empty(counts, where)
             else:
-                for name, _ in reversed(TABLES):
+                for name in reversed(tables):
                     conn.execute(f"DELETE FROM {name}")
                 conn.execute("DELETE FROM telemetry_purges")  # nothing left to purge
             # AUTOINCREMENT columns (SERIALS) need nothing more: SQLite keeps numbering
             # above the largest value ever inserted, restored ones included.
-            for name, _ in TABLES:
+            for name in tables:
                 entry = manifest.tables.get(name)
                 if entry is None:
                     continue

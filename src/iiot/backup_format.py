@@ -104,6 +104,17 @@ TABLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
             ("ts", "int"),
         ),
     ),
+    # Persistent MQTT sessions (migration 0010): a device that reconnects without a clean
+    # start keeps its subscriptions, also after a move to another database.
+    (
+        "mqtt_sessions",
+        (
+            ("client_id", "text"),
+            ("device_id", "uuid"),
+            ("subscriptions", "json"),
+            ("updated_at", "int"),
+        ),
+    ),
     (
         "alarm_rules",
         (
