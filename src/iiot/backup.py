@@ -53,9 +53,11 @@ from iiot.storage import open_store
 __all__ = ["BackupError", "Manifest", "TableEntry", "backup", "read_manifest", "restore"]
 
 
-def _telemetry_rows(columns: tuple[tuple[str, str], ...]) -> str:
+def _telemetry_rows(columns: tuple[tuple[str, str], ...], existing: dict[str, set[str]]) -> str:
     """The telemetry to back up: every point but those of deleted devices still being purged."""
     names = ", ".join(c for c, _ in columns)
+    if "telemetry_purges" not in existing:  # a schema from before migration 0008
+        return f"SELECT {names} FROM telemetry"
     return (
         f"SELECT {names} FROM telemetry t WHERE NOT EXISTS"
         " (SELECT 1 FROM telemetry_purges p WHERE p.device_id = t.device_id)"
@@ -202,7 +204,7 @@ async def _dump_postgres(url: str, folder: Path) -> _Dumped:
                     elif name == "telemetry":
                         # Partitioned (migration 0008): COPY reads it through a query.
                         status = await conn.copy_from_query(
-                            _telemetry_rows(columns), output=out, format="text"
+                            _telemetry_rows(columns, existing), output=out, format="text"
                         )
                     else:
                         status = await conn.copy_from_table(
@@ -276,7 +278,7 @@ def _dump_sqlite(path: Path, folder: Path) -> _Dumped:
                 folder / f"{name}.tsv.gz", "wt", compresslevel=1, encoding="utf-8", newline="\n"
             ) as out:
                 select = (
-                    _telemetry_rows(columns)
+                    _telemetry_rows(columns, existing)
                     if name == "telemetry"
                     else f"SELECT {names} FROM {name}"
                 )

@@ -632,7 +632,8 @@ async def test_database_not_yet_upgraded_is_backed_up_with_what_it_has(tmp_path:
     source_file = tmp_path / "source.db"
     await _seeded(f"sqlite:///{source_file}")
     conn = sqlite3.connect(source_file)
-    try:  # as if the schema predated the delivery log and token versions
+    try:  # as if the schema predated the purge queue, the delivery log and token versions
+        conn.execute("DROP TABLE telemetry_purges")
         conn.execute("DROP TABLE webhook_deliveries")
         conn.execute("ALTER TABLE users DROP COLUMN token_version")
     finally:
