@@ -27,215 +27,41 @@ import asyncio
 import gzip
 import hashlib
 import io
-import json
 import os
-import re
 import sqlite3
 import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
-from uuid import UUID
 
-from iiot import __version__
-from iiot.errors import IIoTError, StorageUnavailable
+from iiot.backup_format import KINDS, SERIALS, TABLES, decode, encode
+from iiot.backup_manifest import (
+    MANIFEST,
+    BackupError,
+    Manifest,
+    TableEntry,
+    open_table,
+    read_manifest,
+)
+from iiot.errors import StorageUnavailable
 from iiot.storage import open_store
 
 __all__ = ["BackupError", "Manifest", "TableEntry", "backup", "read_manifest", "restore"]
 
-FORMAT = "iiot-backup"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
-# (table, ((column, kind), ...)) in restore order (parents before children). Kinds say how
-# a SQLite value maps to the COPY text form: uuid (16-byte blob), text, int, float, bool.
-_TABLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
-    (
-        "tenants",
-        (("id", "uuid"), ("name", "text"), ("created_at", "int"), ("retention_days", "int")),
-    ),
-    (
-        "users",
-        (
-            ("id", "uuid"),
-            ("username", "text"),
-            ("password_hash", "text"),
-            ("role", "text"),
-            ("tenant_id", "uuid"),
-            ("created_at", "int"),
-        ),
-    ),
-    (
-        "devices",
-        (
-            ("id", "uuid"),
-            ("tenant_id", "uuid"),
-            ("name", "text"),
-            ("status", "text"),
-            ("token_hash", "text"),
-            ("created_at", "int"),
-            ("type", "text"),
-            ("gateway_id", "uuid"),
-            ("last_seen", "int"),
-            ("connected", "bool"),
-            ("cert_fingerprint", "text"),
-        ),
-    ),
-    *(
-        (
-            name,
-            (
-                ("device_id", "uuid"),
-                ("key", "text"),
-                ("ts", "int"),
-                ("num_value", "float"),
-                ("int_value", "int"),
-                ("bool_value", "bool"),
-                ("str_value", "text"),
-            ),
-        )
-        for name in ("telemetry", "telemetry_latest")
-    ),
-)
-_KINDS = {name: dict(columns) for name, columns in _TABLES}
-
-
-class BackupError(IIoTError):
-    """A backup cannot be made, or a file is damaged, mismatched or refused by the target."""
-
-
-@dataclass(frozen=True, slots=True)
-class TableEntry:
-    """One table in a backup: its data member, columns, row count and checksum."""
-
-    file: str
-    columns: list[str]
-    rows: int
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """What a backup holds, read before anything is restored."""
-
-    store: str  # "sqlite" or "postgresql"
-    schema_version: int
-    created_at: str  # ISO 8601, UTC
-    iiot_version: str = __version__
-    tables: dict[str, TableEntry] = field(default_factory=dict)
-    format: str = FORMAT
-    format_version: int = FORMAT_VERSION
-
-    def rows(self, table: str) -> int:
-        """Rows of one table in the backup (0 if absent)."""
-        entry = self.tables.get(table)
-        return entry.rows if entry else 0
-
-    def summary(self) -> str:
-        """One line for operators: counts per kind of object."""
-        return (
-            f"{self.rows('tenants')} tenants, {self.rows('users')} users, "
-            f"{self.rows('devices')} devices, {self.rows('telemetry')} points "
-            f"({self.store}, schema {self.schema_version}, made {self.created_at})"
-        )
-
-    def to_json(self) -> bytes:
-        """The manifest as pretty JSON."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n"
-
-    @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        """Parse and validate a manifest; `BackupError` says what is wrong."""
-        try:
-            raw = json.loads(data)
-            if raw.get("format") != FORMAT:
-                raise BackupError(f"not an iiot backup (format {raw.get('format')!r})")
-            if raw.get("format_version") != FORMAT_VERSION:
-                raise BackupError(
-                    f"backup format version {raw.get('format_version')!r} is not supported "
-                    f"by iiot {__version__} (it reads version {FORMAT_VERSION})"
-                )
-            tables = {name: TableEntry(**entry) for name, entry in raw["tables"].items()}
-            return cls(
-                store=str(raw["store"]),
-                schema_version=int(raw["schema_version"]),
-                created_at=str(raw["created_at"]),
-                iiot_version=str(raw["iiot_version"]),
-                tables=tables,
-            )
-        except BackupError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BackupError(f"the backup's manifest is damaged: {exc}") from None
-
-
-def _telemetry_rows(columns: tuple[tuple[str, str], ...]) -> str:
+def _telemetry_rows(columns: tuple[tuple[str, str], ...], existing: dict[str, set[str]]) -> str:
     """The telemetry to back up: every point but those of deleted devices still being purged."""
     names = ", ".join(c for c, _ in columns)
+    if "telemetry_purges" not in existing:  # a schema from before migration 0008
+        return f"SELECT {names} FROM telemetry"
     return (
         f"SELECT {names} FROM telemetry t WHERE NOT EXISTS"
         " (SELECT 1 FROM telemetry_purges p WHERE p.device_id = t.device_id)"
     )
-
-
-# --- COPY text format ------------------------------------------------------------------
-_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_ESCAPE_RE = re.compile(r"[\\\t\n\r]")
-_UNESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
-_UNESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-
-
-def _escape(text: str) -> str:
-    return _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group()], text)
-
-
-def _unescape_one(match: re.Match[str]) -> str:
-    code = match.group(1)
-    if code[0] == "x" and len(code) > 1:
-        return chr(int(code[1:], 16))
-    if code[0] in "01234567":
-        return chr(int(code, 8))
-    return _UNESCAPES.get(code, code)
-
-
-def _unescape(text: str) -> str:
-    return _UNESCAPE_RE.sub(_unescape_one, text) if "\\" in text else text
-
-
-def _encode(value: Any, kind: str) -> str:
-    """A SQLite value as a COPY text field."""
-    if value is None:
-        return "\\N"
-    if kind == "uuid":
-        return str(UUID(bytes=value))
-    if kind == "bool":
-        return "t" if value else "f"
-    if kind == "int":
-        return str(int(value))
-    if kind == "float":
-        return repr(float(value))  # shortest text that reads back to the same double
-    return _escape(str(value))
-
-
-def _decode(text: str, kind: str) -> Any:
-    """A COPY text field as a SQLite value."""
-    if text == "\\N":
-        return None
-    if kind == "uuid":
-        return UUID(text).bytes
-    if kind == "bool":
-        return 1 if text == "t" else 0
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    return _unescape(text)
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -317,12 +143,12 @@ async def _backup(database_url: str, kind: str, path: Path) -> Manifest:
                 _dump_sqlite, _sqlite_path(database_url), folder
             )
         tables = {}
-        for name, columns in _TABLES:
+        for name, (columns, rows) in counts.items():
             data = folder / f"{name}.tsv.gz"
             tables[name] = TableEntry(
                 file=f"data/{name}.tsv.gz",
-                columns=[c for c, _ in columns],
-                rows=counts[name],
+                columns=columns,
+                rows=rows,
                 bytes=data.stat().st_size,
                 sha256=await asyncio.to_thread(_sha256, data),
             )
@@ -331,7 +157,22 @@ async def _backup(database_url: str, kind: str, path: Path) -> Manifest:
     return manifest
 
 
-async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
+# What a dump returns: the schema version, and per table the columns written and row count.
+_Dumped = tuple[int, dict[str, tuple[list[str], int]]]
+
+
+def _present(existing: dict[str, set[str]]) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The tables to dump, with their columns, as far as the database has them.
+
+    A database whose schema predates a table or column (not yet upgraded by `iiot run`)
+    is backed up without it; a restore then leaves it empty or at its default.
+    """
+    for name, columns in TABLES:
+        if name in existing:
+            yield name, tuple((c, k) for c, k in columns if c in existing[name])
+
+
+async def _dump_postgres(url: str, folder: Path) -> _Dumped:
     import asyncpg
 
     from iiot.storage.postgres import PG_CURRENT_LATEST
@@ -340,12 +181,19 @@ async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
         conn = await asyncpg.connect(url, timeout=10)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise StorageUnavailable(f"cannot connect to {_describe(url)}: {exc}") from exc
-    counts: dict[str, int] = {}
+    counts: dict[str, tuple[list[str], int]] = {}
     try:
         # One snapshot for every table: rows committed during the dump are not in it.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             schema = await _pg_schema_version(conn, url)
-            for name, columns in _TABLES:
+            await conn.execute("SET LOCAL bytea_output = 'hex'")  # the form restores read
+            existing: dict[str, set[str]] = {}
+            for row in await conn.fetch(
+                "SELECT table_name, column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema()"
+            ):
+                existing.setdefault(row["table_name"], set()).add(row["column_name"])
+            for name, columns in _present(existing):
                 with gzip.open(folder / f"{name}.tsv.gz", "wb", compresslevel=1) as out:
                     if name == "telemetry_latest":
                         # The table may lag the stored points by one refresh: the values
@@ -356,13 +204,13 @@ async def _dump_postgres(url: str, folder: Path) -> tuple[int, dict[str, int]]:
                     elif name == "telemetry":
                         # Partitioned (migration 0008): COPY reads it through a query.
                         status = await conn.copy_from_query(
-                            _telemetry_rows(columns), output=out, format="text"
+                            _telemetry_rows(columns, existing), output=out, format="text"
                         )
                     else:
                         status = await conn.copy_from_table(
                             name, output=out, columns=[c for c, _ in columns], format="text"
                         )
-                counts[name] = int(status.split()[-1])
+                counts[name] = ([c for c, _ in columns], int(status.split()[-1]))
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
         raise StorageUnavailable(f"{_describe(url)} became unavailable: {exc}") from exc
     finally:
@@ -400,7 +248,7 @@ def _connect_sqlite(path: Path, *, create: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
+def _dump_sqlite(path: Path, folder: Path) -> _Dumped:
     snapshot_path = folder / "snapshot.db"
     source = _connect_sqlite(path)
     snapshot = sqlite3.connect(snapshot_path)
@@ -412,10 +260,17 @@ def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
         raise StorageUnavailable(f"SQLite backup of {path} failed: {exc}") from exc
     finally:
         source.close()
-    counts: dict[str, int] = {}
+    counts: dict[str, tuple[list[str], int]] = {}
     try:
         schema = _sqlite_schema_version(snapshot, f"SQLite database {path}")
-        for name, columns in _TABLES:
+        existing = {
+            name: {
+                column
+                for (column,) in snapshot.execute("SELECT name FROM pragma_table_info(?)", (name,))
+            }
+            for (name,) in snapshot.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+        }
+        for name, columns in _present(existing):
             names = ", ".join(c for c, _ in columns)
             kinds = [k for _, k in columns]
             rows = 0
@@ -423,88 +278,18 @@ def _dump_sqlite(path: Path, folder: Path) -> tuple[int, dict[str, int]]:
                 folder / f"{name}.tsv.gz", "wt", compresslevel=1, encoding="utf-8", newline="\n"
             ) as out:
                 select = (
-                    _telemetry_rows(columns)
+                    _telemetry_rows(columns, existing)
                     if name == "telemetry"
                     else f"SELECT {names} FROM {name}"
                 )
                 for row in snapshot.execute(select):
-                    out.write("\t".join(map(_encode, row, kinds)) + "\n")
+                    out.write("\t".join(map(encode, row, kinds)) + "\n")
                     rows += 1
-            counts[name] = rows
+            counts[name] = ([c for c, _ in columns], rows)
     finally:
         snapshot.close()
         snapshot_path.unlink(missing_ok=True)
     return schema, counts
-
-
-# --- verification ----------------------------------------------------------------------
-def read_manifest(path: Path) -> Manifest:
-    """Read a backup's manifest and verify every data member's size and checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise BackupError(f"backup file {path} does not exist")
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            member = tar.next()
-            if member is None or member.name != MANIFEST:
-                raise BackupError(f"{path} is not an iiot backup (no {MANIFEST} first)")
-            manifest = Manifest.from_json(_read_member(tar, member))
-            _check_tables(manifest)
-            seen: set[str] = set()
-            for member in tar:
-                entry = next((e for e in manifest.tables.values() if e.file == member.name), None)
-                if entry is None:
-                    continue
-                digest = hashlib.sha256()
-                size = 0
-                handle = tar.extractfile(member)
-                if handle is None:
-                    raise BackupError(f"{path}: {member.name} is not a file")
-                for chunk in iter(lambda h=handle: h.read(1 << 20), b""):  # type: ignore[misc]
-                    digest.update(chunk)
-                    size += len(chunk)
-                if size != entry.bytes or digest.hexdigest() != entry.sha256:
-                    raise BackupError(
-                        f"{path} is damaged: {member.name} does not match its checksum "
-                        "in the manifest; nothing was restored"
-                    )
-                seen.add(member.name)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BackupError(f"{path} is damaged or not a backup: {exc}") from None
-    missing = sorted(e.file for e in manifest.tables.values() if e.file not in seen)
-    if missing:
-        raise BackupError(f"{path} is damaged: missing {', '.join(missing)}")
-    return manifest
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    handle = tar.extractfile(member)
-    if handle is None:
-        raise BackupError(f"{member.name} is not a file")
-    return handle.read()
-
-
-def _check_tables(manifest: Manifest) -> None:
-    for name, entry in manifest.tables.items():
-        if name not in _KINDS:
-            raise BackupError(f"the backup holds an unknown table {name!r}")
-        unknown = [c for c in entry.columns if c not in _KINDS[name]]
-        if unknown:
-            raise BackupError(f"the backup's table {name} has unknown columns {unknown}")
-
-
-def _open_table(path: Path, entry: TableEntry) -> tuple[tarfile.TarFile, gzip.GzipFile]:
-    """The decompressed data of one table, read from the archive (caller closes both)."""
-    tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - handed to the caller, who closes it
-    try:
-        member = tar.getmember(entry.file)
-        handle = tar.extractfile(member)
-        if handle is None:
-            raise BackupError(f"{path}: {entry.file} is not a file")
-        return tar, gzip.GzipFile(fileobj=handle, mode="rb")
-    except BaseException:
-        tar.close()
-        raise
 
 
 # --- restore ---------------------------------------------------------------------------
@@ -525,6 +310,18 @@ async def restore(database_url: str, path: Path, *, force: bool = False) -> Mani
     else:
         await asyncio.to_thread(_load_sqlite, _sqlite_path(database_url), path, manifest, force)
     return manifest
+
+
+def _target_tables(present: set[str], manifest: Manifest, where: str) -> list[str]:
+    """The backed-up tables the target has, in restore order.
+
+    A table this version knows may be missing from a target whose schema (at the backup's
+    version or later) never had it; a backup holding rows for such a table is refused.
+    """
+    lacking = sorted(name for name in manifest.tables if name not in present)
+    if lacking:
+        raise BackupError(f"{where} has no table {', '.join(lacking)} that the backup holds")
+    return [name for name, _ in TABLES if name in present]
 
 
 def _check_schema(manifest: Manifest, target: int, where: str) -> None:
@@ -558,26 +355,33 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
     try:
         async with conn.transaction():
             _check_schema(manifest, await _pg_schema_version(conn, url), where)
+            present = {
+                row[0]
+                for row in await conn.fetch(
+                    "SELECT table_name FROM information_schema.tables"
+                    " WHERE table_schema = current_schema()"
+                )
+            }
+            tables = _target_tables(present, manifest, where)
             counts = {
                 name: int(
                     await conn.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1) AS x")
                 )
-                for name, _ in _TABLES
+                for name in tables
             }
             if not force:
                 _refuse_non_empty(counts, where)
             else:
                 await lock_out_writers(conn)  # a running platform must recheck its devices
-                # CASCADE: tables outside the backup that refer to these (alarms, rules,
-                # webhooks, commands) are emptied with them, as a restore into a new
-                # database would be.
-                await conn.execute(f"TRUNCATE {', '.join(name for name, _ in _TABLES)} CASCADE")
+                # CASCADE: any table outside the backup that refers to these is emptied
+                # with them, as a restore into a new database would be.
+                await conn.execute(f"TRUNCATE {', '.join(tables)} CASCADE")
                 await conn.execute("TRUNCATE telemetry_purges")  # nothing left to purge
-            for name, _ in _TABLES:
+            for name in tables:
                 entry = manifest.tables.get(name)
                 if entry is None:
                     continue
-                tar, data = _open_table(path, entry)
+                tar, data = open_table(path, entry)
                 try:
                     status = await conn.copy_to_table(
                         name, source=data, columns=entry.columns, format="text"
@@ -586,12 +390,29 @@ async def _load_postgres(url: str, path: Path, manifest: Manifest, force: bool) 
                     data.close()
                     tar.close()
                 _check_count(name, int(status.split()[-1]), entry)
+            # Deferred foreign keys (a device's gateway) are checked here, not at commit,
+            # so that a violation is reported as a refused restore like any other.
+            await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            await _continue_sequences(conn)
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
         raise StorageUnavailable(f"{where} became unavailable; nothing restored: {exc}") from exc
     except (asyncpg.PostgresError, gzip.BadGzipFile, EOFError, tarfile.TarError) as exc:
         raise BackupError(f"restore into {where} failed, nothing changed: {exc}") from exc
     finally:
         await conn.close()
+
+
+async def _continue_sequences(conn: Any) -> None:
+    """Make each serial column number new rows above the restored ones.
+
+    Sequences are not transactional, so one is never moved back: should the restore
+    fail after this, the rows it leaves in place still get fresh numbers.
+    """
+    for table, column in SERIALS.items():
+        sequence = await conn.fetchval("SELECT pg_get_serial_sequence($1, $2)", table, column)
+        top = await conn.fetchval(f"SELECT coalesce(max({column}), 0) FROM {table}")
+        last = await conn.fetchval(f"SELECT last_value FROM {sequence}")
+        await conn.execute("SELECT setval($1::regclass, $2)", sequence, max(top, last, 1))
 
 
 def _check_count(name: str, loaded: int, entry: TableEntry) -> None:
@@ -610,24 +431,31 @@ def _load_sqlite(db_path: Path, path: Path, manifest: Manifest, force: bool) -> 
         _check_schema(manifest, _sqlite_schema_version(conn, where), where)
         conn.execute("BEGIN IMMEDIATE")
         try:
+            present = {
+                name
+                for (name,) in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")
+            }
+            tables = _target_tables(present, manifest, where)
             counts = {
                 name: conn.execute(
                     f"SELECT count(*) FROM (SELECT 1 FROM {name} LIMIT 1)"
                 ).fetchone()[0]
-                for name, _ in _TABLES
+                for name in tables
             }
             if not force:
                 _refuse_non_empty(counts, where)
             else:
-                for name, _ in reversed(_TABLES):
+                for name in reversed(tables):
                     conn.execute(f"DELETE FROM {name}")
                 conn.execute("DELETE FROM telemetry_purges")  # nothing left to purge
-            for name, _ in _TABLES:
+            # AUTOINCREMENT columns (SERIALS) need nothing more: SQLite keeps numbering
+            # above the largest value ever inserted, restored ones included.
+            for name in tables:
                 entry = manifest.tables.get(name)
                 if entry is None:
                     continue
-                kinds = [_KINDS[name][c] for c in entry.columns]
-                tar, data = _open_table(path, entry)
+                kinds = [KINDS[name][c] for c in entry.columns]
+                tar, data = open_table(path, entry)
                 try:
                     cursor = conn.executemany(
                         f"INSERT INTO {name} ({', '.join(entry.columns)})"
@@ -655,4 +483,4 @@ def _rows(lines: IO[str], kinds: list[str]) -> Iterator[tuple[Any, ...]]:
         fields = line.rstrip("\n").split("\t")
         if len(fields) != len(kinds):
             raise ValueError(f"a row has {len(fields)} fields, expected {len(kinds)}")
-        yield tuple(map(_decode, fields, kinds))
+        yield tuple(map(decode, fields, kinds))
