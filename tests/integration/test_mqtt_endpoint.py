@@ -307,8 +307,15 @@ async def test_commands_attributes_and_replies_over_both_families(tmp_path, port
         assert inbox.replies == [(device_id, command.id, {"ok": True})]
         client.send(mc.encode_unsubscribe(mc.V5, 3, [f"devices/{dev.id}/commands/+"]))
         assert isinstance(await client.next(), mc.UnsubAck)
-        assert services.links.links(device_id) == []
+        # Still connected (its link stays while the connection is open), listening to nothing.
+        [link] = services.links.links(device_id)
+        assert not link.listens_commands and not link.listens_attributes
         client.close()
+        for _ in range(100):  # the server notices the close and detaches the link
+            if not services.links.links(device_id):
+                break
+            await asyncio.sleep(0.05)
+        assert services.links.links(device_id) == []
         # ThingsBoard's device API.
         client = await Raw.open(port, mc.V311)
         await client.connect(dev.token)
@@ -458,3 +465,25 @@ async def test_gateway_children_get_commands_and_attributes_through_the_gateway(
         assert await client.next() == mc.PubAck(5, 0)
         assert services.links.links(child.id) == []
         client.close()
+
+
+async def test_a_device_is_connected_while_its_connection_is_open(tmp_path, port):
+    async with running_platform(platform_env(tmp_path, IIOT_MQTT_PORT=str(port))) as platform:
+        [dev] = await create_devices(platform, 1)
+        store = platform.services.store
+
+        async def connected_is(expected: bool) -> None:
+            for _ in range(100):
+                device = await store.get_device(None, UUID(dev.id))
+                if device.connected is expected:
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"connected never became {expected}")
+
+        # No subscription at all: an open connection is enough.
+        client = await Raw.open(port, mc.V311)
+        assert (await client.connect(dev.id, dev.token, client_id="plc")).code == 0
+        await connected_is(True)
+        client.close()
+        await connected_is(False)
+        assert (await store.get_device(None, UUID(dev.id))).last_seen is not None

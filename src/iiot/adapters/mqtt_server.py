@@ -253,15 +253,14 @@ class MqttServer:
             self.track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
 
     def _update_link(self, conn: MqttConnection, device: Device, child: str | None) -> None:
+        # A device's link stays attached while its connection is open (a child's while its
+        # gateway says it is connected): that is what `connected` means. What it listens
+        # for follows its subscriptions; attaching again tells the services of a change.
         key = (conn, child)
         link = self._links.get(key) or MqttDeviceLink(conn, device, child)
-        links = self.services.links
-        if link.refresh():
-            self._links[key] = link
-            links.attach(device, link)
-        elif key in self._links:
-            del self._links[key]
-            links.detach(device.id, link)
+        link.refresh()
+        self._links[key] = link
+        self.services.links.attach(device, link)
 
     # --- gateways --------------------------------------------------------------------------
     @staticmethod
