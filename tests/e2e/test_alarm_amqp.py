@@ -13,6 +13,9 @@ from tests.amqp_support import reset_broker
 from tests.e2e.alarm_helpers import now_ms, rule_body, send
 from tests.e2e.api_helpers import api_platform
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 
 @pytest.mark.rabbitmq
 async def test_alarm_changes_are_published_with_the_device_in_the_routing_key(

@@ -25,6 +25,9 @@ from tests.e2e.api_helpers import ADMIN_PASSWORD, bearer
 from tests.integration.test_mqtt_support import connect, drop_session, wait_for_health
 from tests.support import free_port, platform_env, running_platform
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 MESSAGES = 50
 
 

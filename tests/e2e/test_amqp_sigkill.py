@@ -28,6 +28,9 @@ from tests.amqp_support import (
 )
 from tests.support import free_port, platform_env, platform_process
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 MESSAGES = 20_000
 
 

@@ -9,10 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import pytest
 
 from iiot.adapters.amqp_commands import COMMAND_EXCHANGE
 from tests.amqp_support import EXCHANGE, reset_broker
 from tests.e2e.api_helpers import Api, api_platform
+
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
 
 
 async def _status(api: Api, command_id: str, status: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.amqp_support import (
@@ -28,6 +29,9 @@ from tests.amqp_support import (
 from tests.e2e.test_three_nodes import Node, coap_load, message_body, mqtt_publish, points_of
 from tests.integration.test_mqtt_support import private_mosquitto
 from tests.support import free_port, platform_env
+
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
 
 MESSAGES = 2_000
 COAP_MESSAGES = 200

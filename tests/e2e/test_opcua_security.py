@@ -13,6 +13,9 @@ from tests.e2e.api_helpers import ADMIN_PASSWORD, api_platform
 from tests.e2e.test_opcua_server import NS_URI, make_client_cert, opcua_client, trust
 from tests.support import free_port
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 
 async def test_unknown_client_certificate_is_refused_then_trusted_once_moved(
     tmp_path: Path,

@@ -28,6 +28,7 @@ from uuid import UUID
 import aiocoap
 import httpx
 import paho.mqtt.client as paho
+import pytest
 from aiocoap.numbers.codes import Code
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -45,6 +46,9 @@ from tests.amqp_support import (
 )
 from tests.integration.test_mqtt_support import private_mosquitto
 from tests.support import free_port, platform_env
+
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
 
 KEYS = ("temperature", "count", "ok")
 MQTT_MESSAGES, AMQP_MESSAGES = 6_000, 6_000

@@ -24,7 +24,11 @@ from iiot.control.rules import CommandRequest
 from tests.amqp_support import make_devices, reset_broker
 from tests.support import platform_env, running_platform
 
-pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="no rabbitmqctl")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="no rabbitmqctl"),
+    # The shared RabbitMQ: never run these tests in parallel with each other.
+    pytest.mark.shared_brokers,
+]
 
 
 def _ctl(*args: str) -> None:

@@ -38,6 +38,9 @@ from tests.integration.test_mqtt_support import (
 )
 from tests.support import platform_env, running_platform
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 TS = 1_767_225_600_000
 MARK = b"BUG"
 

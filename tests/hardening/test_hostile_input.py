@@ -36,6 +36,9 @@ from tests.integration.test_mqtt_support import (
 )
 from tests.support import free_port, platform_env, running_platform
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 HOSTILE = 120
 GOOD = 150
 LIMIT = 65536

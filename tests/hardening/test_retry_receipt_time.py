@@ -10,11 +10,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
+import pytest
 
 from iiot.adapters.amqp import AmqpAdapter
 from tests.amqp_support import make_devices, queue_state, reset_broker, wait_points
 from tests.support import platform_env, running_platform
 from tests.tcp_proxy import TcpProxy
+
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
 
 
 async def _rows(pg_url: str, key: str) -> int:

@@ -35,6 +35,9 @@ from tests.pgcluster import PgCluster, pg_cluster
 from tests.support import platform_env, running_platform
 from tests.tcp_proxy import TcpProxy
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 __all__ = ["pg_cluster"]  # the private-cluster fixture, imported for the outage test
 
 MESSAGES = 20_000

@@ -33,6 +33,9 @@ from tests.amqp_support import (
 from tests.support import platform_env, running_platform
 from tests.tcp_proxy import TcpProxy
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 
 def _env(tmp_path: Path, pg_url: str, amqp_url: str) -> dict[str, str]:
     return platform_env(tmp_path, IIOT_DATABASE_URL=pg_url, IIOT_AMQP_URL=amqp_url)

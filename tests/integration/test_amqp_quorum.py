@@ -21,6 +21,9 @@ from tests.amqp_support import (
 )
 from tests.support import platform_env, running_platform
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 
 async def test_quorum_queues_are_declared_and_consumed(
     tmp_path: Path, pg_url: str, amqp_url: str

@@ -392,7 +392,7 @@ async def _seed_everything(url: str) -> dict[str, Any]:
             100,
         )
         await store.control.transition_command(
-            None, command.id, "SENT", ("QUEUED",), 200, deadline=1200, count_attempt=True
+            None, command.id, "SENT", ("QUEUED",), 200, deadline=1200, add_attempts=1
         )
         await store.control.transition_command(
             None, command.id, "SUCCESSFUL", ("SENT",), 300, response={"rpm": 900}

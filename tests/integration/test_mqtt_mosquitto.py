@@ -20,6 +20,9 @@ from tests.integration.test_mqtt_support import (
 )
 from tests.support import platform_env, running_platform
 
+# The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
+pytestmark = pytest.mark.shared_brokers
+
 
 @pytest.fixture
 def client_id(mosquitto):
