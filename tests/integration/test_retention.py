@@ -99,7 +99,9 @@ async def test_retention_removes_only_expired_points(database_url: str, tmp_path
                 for i in range(OLD_POINTS)
             ]
             items += [{"ts": now - age * DAY_MS, "values": {"temp": age}} for age in (10, 8, 6)]
-            items.append({"ts": now - 3_600_000, "values": {"temp": 21.5, "label": "new"}})
+            # An hour ago, but never before today's midnight (UTC): days are counted in buckets.
+            today = now - min(3_600_000, now % DAY_MS)
+            items.append({"ts": today, "values": {"temp": 21.5, "label": "new"}})
             await _send(client, device["token"], items)
 
         expected_keep = {20: OLD_POINTS, 10: 1, 8: 1, 6: 1, 0: 1}
