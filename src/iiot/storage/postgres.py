@@ -20,7 +20,7 @@ from uuid import UUID, uuid4
 import asyncpg
 
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
-from iiot.model import Device, Role, Tenant, User
+from iiot.model import Device, Tenant
 from iiot.storage import _common, pg_latest
 from iiot.storage.base import DeviceFilter, Page, Scope
 from iiot.storage.control_pg import PgControlStore
@@ -47,6 +47,7 @@ from iiot.storage.postgres_telemetry import (  # noqa: F401
     _value,
     lock_out_writers,
 )
+from iiot.storage.postgres_users import PostgresUsers
 
 __all__ = ["PG_CURRENT_LATEST", "PostgresStore", "lock_out_writers"]
 
@@ -57,7 +58,6 @@ T = TypeVar("T")
 _MIGRATION_LOCK = 7_402_315_001
 
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
 _DEVICE_COLS = DEVICE_COLS
 
 
@@ -65,22 +65,10 @@ def _tenant(row: Any) -> Tenant:
     return Tenant(row["id"], row["name"], row["created_at"], row["retention_days"])
 
 
-def _user(row: Any) -> User:
-    return User(
-        id=row["id"],
-        username=row["username"],
-        role=Role(row["role"]),
-        tenant_id=row["tenant_id"],
-        password_hash=row["password_hash"],
-        created_at=row["created_at"],
-        token_version=row["token_version"],
-    )
-
-
 _device = device_from_row
 
 
-class PostgresStore(PostgresTelemetry, PostgresDevices, PostgresMqttSessions):
+class PostgresStore(PostgresTelemetry, PostgresUsers, PostgresDevices, PostgresMqttSessions):
     """The `Store` on PostgreSQL (asyncpg pool); reusable, not reentrant."""
 
     def __init__(
@@ -345,138 +333,6 @@ class PostgresStore(PostgresTelemetry, PostgresDevices, PostgresMqttSessions):
                 return ids
 
         await self._purge(await self._run(op))
-
-    # --- users -------------------------------------------------------------------------
-    async def create_user(
-        self, tenant_id: UUID | None, username: str, password_hash: str, role: Role
-    ) -> User:
-        """Create a user; usernames are unique across the platform (`Conflict`)."""
-        role = Role(role)
-        _common.check_user_tenant(role, tenant_id)
-
-        async def op(conn: Any) -> User:
-            try:
-                row = await conn.fetchrow(
-                    "INSERT INTO users (id, username, password_hash, role, tenant_id, created_at)"
-                    f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_USER_COLS}",
-                    uuid4(),
-                    username,
-                    password_hash,
-                    role.value,
-                    tenant_id,
-                    _common.now_ms(),
-                )
-            except asyncpg.UniqueViolationError as exc:
-                raise Conflict(f"a user named {username!r} already exists") from exc
-            except asyncpg.ForeignKeyViolationError as exc:
-                raise NotFound(f"tenant {tenant_id} not found") from exc
-            return _user(row)
-
-        return await self._run(op, retry=False)
-
-    async def get_user(self, scope: Scope, user_id: UUID) -> User:
-        """One user visible in the scope."""
-
-        async def op(conn: Any) -> User:
-            row = await conn.fetchrow(
-                f"SELECT {_USER_COLS} FROM users WHERE id = $1"
-                " AND ($2::uuid IS NULL OR tenant_id = $2)",
-                user_id,
-                scope,
-            )
-            if row is None:
-                raise NotFound(f"user {user_id} not found")
-            return _user(row)
-
-        return await self._run(op)
-
-    async def find_user(self, username: str) -> User | None:
-        """The user with this username, for login (not scoped)."""
-
-        async def op(conn: Any) -> User | None:
-            row = await conn.fetchrow(
-                f"SELECT {_USER_COLS} FROM users WHERE username = $1", username
-            )
-            return None if row is None else _user(row)
-
-        return await self._run(op)
-
-    async def count_users(self) -> int:
-        """How many users exist (to create the first administrator)."""
-
-        async def op(conn: Any) -> int:
-            return int(await conn.fetchval("SELECT count(*) FROM users"))
-
-        return await self._run(op)
-
-    async def list_users(self, scope: Scope, limit: int, offset: int) -> Page[User]:
-        """Users visible in the scope, by username."""
-        _common.check_page(limit, offset)
-
-        async def op(conn: Any) -> Page[User]:
-            where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
-            total = await conn.fetchval(f"SELECT count(*) FROM users {where}", scope)
-            rows = await conn.fetch(
-                f"SELECT {_USER_COLS} FROM users {where} ORDER BY username LIMIT $2 OFFSET $3",
-                scope,
-                limit,
-                offset,
-            )
-            return Page([_user(r) for r in rows], int(total))
-
-        return await self._run(op, read=True)
-
-    async def update_user(
-        self,
-        scope: Scope,
-        user_id: UUID,
-        *,
-        password_hash: str | None = None,
-        role: Role | None = None,
-    ) -> User:
-        """Change a user's password hash or role."""
-
-        async def op(conn: Any) -> User:
-            async with conn.transaction():
-                row = await conn.fetchrow(
-                    f"SELECT {_USER_COLS} FROM users WHERE id = $1"
-                    " AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE",
-                    user_id,
-                    scope,
-                )
-                if row is None:
-                    raise NotFound(f"user {user_id} not found")
-                if role is not None:
-                    _common.check_user_tenant(Role(role), row["tenant_id"])
-                row = await conn.fetchrow(
-                    "UPDATE users SET password_hash = coalesce($2, password_hash),"
-                    " role = coalesce($3, role),"
-                    # Tokens issued before a new password or role stop working.
-                    " token_version = token_version"
-                    "  + CASE WHEN $2 IS NOT NULL OR ($3 IS NOT NULL AND $3 <> role)"
-                    "    THEN 1 ELSE 0 END"
-                    f" WHERE id = $1 RETURNING {_USER_COLS}",
-                    user_id,
-                    password_hash,
-                    None if role is None else Role(role).value,
-                )
-                return _user(row)
-
-        return await self._run(op)
-
-    async def delete_user(self, scope: Scope, user_id: UUID) -> None:
-        """Delete a user."""
-
-        async def op(conn: Any) -> None:
-            status = await conn.execute(
-                "DELETE FROM users WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
-                user_id,
-                scope,
-            )
-            if status == "DELETE 0":
-                raise NotFound(f"user {user_id} not found")
-
-        await self._run(op, retry=False)
 
     # --- devices -----------------------------------------------------------------------
     async def create_device(
