@@ -27,7 +27,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	@test -e /usr/include/amqp.h || { apt-get update -qq && apt-get install -y -qq librabbitmq-dev gcc >/dev/null; }
+	@test -e /usr/include/amqp.h && command -v nginx >/dev/null && command -v wrk >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq librabbitmq-dev gcc nginx wrk >/dev/null; }
 	$(BIN)/python -m bench.run_all
 
 # Not part of `make test`: every protocol at once with random faults, then an exactly-once

@@ -1,7 +1,10 @@
 """Fan-out of live bus events to browser viewers, coalescing for slow ones.
 
 One hub per API app reads the live bus (fed locally and, between split roles, by the
-live bridge) and offers every event to each connected viewer. A viewer keeps at most one
+live bridge) and offers every event to each connected viewer. Telemetry is first coalesced
+in the hub, the newest values per device over `COALESCE_S`, and only then handed to the
+viewers: the cost of a viewer grows with the devices that changed, not with the messages
+ingested (100 open consoles once took half the ingest capacity). A viewer keeps at most one
 pending message per key (a device's latest values, a record's latest state) and at most
 `MAX_PENDING` keys: a browser that reads slowly sees fewer, newer updates, and ingestion
 never waits for it (the bus drops the hub's oldest events if even the hub falls behind).
@@ -28,6 +31,8 @@ TOPICS = frozenset({"telemetry", "device", "connectivity", "alarm", "command", "
 MAX_PENDING = 2000
 # The hub's own queue on the bus: drop-oldest when full, so ingestion never waits.
 _HUB_QUEUE = 5000
+# Telemetry is handed to viewers at most this often (seconds); they flush every 0.1 s.
+COALESCE_S = 0.05
 # Seconds of history for the ingest rate.
 RATE_WINDOW_S = 60
 
@@ -62,18 +67,18 @@ class Viewer:
         self.pending[key] = message
         self.wake.set()
 
-    def merge_values(self, device_id: UUID, values: dict[str, dict[str, Any]]) -> None:
-        """Queue a device's latest values, merged with any still waiting (newest ts wins)."""
-        key = ("telemetry", str(device_id))
+    def merge_values(self, message: Message) -> None:
+        """Queue a device's latest values, merged with any still waiting (newest ts wins).
+
+        The message is shared by every viewer: a merge builds a new one, never changes it."""
+        key = ("telemetry", message["device_id"])
         waiting = self.pending.get(key)
         if waiting is None:
-            self.put(key, {"type": "telemetry", "device_id": str(device_id), "data": values})
+            self.put(key, message)
             return
-        data = waiting["data"]
-        for name, item in values.items():
-            old = data.get(name)
-            if old is None or item["ts"] >= old["ts"]:
-                data[name] = item
+        data = dict(waiting["data"])
+        _merge_newest(data, message["data"])
+        self.pending[key] = {**message, "data": data}
         self.wake.set()
 
     def take(self) -> list[Message]:
@@ -85,6 +90,14 @@ class Viewer:
             self.dropped = 0
         self.wake.clear()
         return messages
+
+
+def _merge_newest(into: dict[str, dict[str, Any]], values: dict[str, dict[str, Any]]) -> None:
+    """Merge `{key: {"ts", "value"}}` items into `into`; the newest ts of a key wins."""
+    for name, item in values.items():
+        old = into.get(name)
+        if old is None or item["ts"] >= old["ts"]:
+            into[name] = item
 
 
 class IngestRate:
@@ -124,6 +137,9 @@ class LiveHub:
         self._device_json = device_json
         self._viewers: set[Viewer] = set()
         self._task: asyncio.Task[None] | None = None
+        # Telemetry not yet handed to viewers: device id -> (device, newest values).
+        self._changes: dict[UUID, tuple[Any, dict[str, dict[str, Any]]]] = {}
+        self._handout: asyncio.TimerHandle | None = None
         self.rate = IngestRate()
 
     def ensure_started(self) -> None:
@@ -149,10 +165,15 @@ class LiveHub:
 
     async def _run(self, queue: asyncio.Queue[LiveEvent]) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while True:
                 self.offer(await queue.get())
+                if self._changes and self._handout is None:
+                    self._handout = loop.call_later(COALESCE_S, self.hand_out)
         finally:
             self._bus.unsubscribe(queue)
+            if self._handout is not None:
+                self._handout.cancel()
 
     async def stop(self) -> None:
         """Stop reading the bus."""
@@ -162,10 +183,13 @@ class LiveHub:
                 await self._task
 
     def offer(self, event: LiveEvent) -> None:
-        """Hand one bus event to every viewer that may see it and asked for it."""
+        """Take one bus event: telemetry is kept for `hand_out`; anything else goes to every
+        viewer that may see it and asked for it, after the telemetry that came before it."""
         if isinstance(event, TelemetryEvent):
             self._telemetry(event)
-        elif isinstance(event, DeviceEvent):
+            return
+        self.hand_out()
+        if isinstance(event, DeviceEvent):
             device = event.device
             message: Message = {
                 "type": "device",
@@ -190,18 +214,27 @@ class LiveHub:
                     viewer.put((event.topic, record_id), message)
 
     def _telemetry(self, event: TelemetryEvent) -> None:
+        changes = self._changes
         for item in event.batch:
             device = item.device
             self.rate.add(device.tenant_id, len(item.points))
-            interested = [
-                v for v in self._viewers if v.wants("telemetry", device.tenant_id, device.id)
-            ]
-            if not interested:
+            if not self._viewers:
                 continue
-            values: dict[str, dict[str, Any]] = {}
-            for point in item.points:
-                old = values.get(point.key)
-                if old is None or point.ts >= old["ts"]:
-                    values[point.key] = {"ts": point.ts, "value": point.value}
-            for viewer in interested:
-                viewer.merge_values(device.id, dict(values))
+            values = {p.key: {"ts": p.ts, "value": p.value} for p in item.points}
+            known = changes.get(device.id)
+            if known is None:
+                changes[device.id] = (device, values)
+            else:
+                _merge_newest(known[1], values)
+
+    def hand_out(self) -> None:
+        """Give the coalesced telemetry to the viewers that asked for it."""
+        self._handout = None
+        changes, self._changes = self._changes, {}
+        for device, values in changes.values():
+            message: Message | None = None
+            for viewer in self._viewers:
+                if viewer.wants("telemetry", device.tenant_id, device.id):
+                    if message is None:
+                        message = {"type": "telemetry", "device_id": str(device.id), "data": values}
+                    viewer.merge_values(message)
