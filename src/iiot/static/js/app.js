@@ -20,7 +20,7 @@ const routes = [
   { path: /^#\/devices\/?(\?.*)?$/, view: devicesView, nav: "#/devices" },
   { path: /^#\/devices\/([^/?]+)$/, view: deviceView, nav: "#/devices" },
   { path: /^#\/alarms\/?$/, view: alarmsView, nav: "#/alarms" },
-  { path: /^#\/rules\/?$/, view: rulesView, nav: "#/rules", allowed: canWrite },
+  { path: /^#\/rules\/?$/, view: rulesView, nav: "#/rules" }, // read-only for tenant users
   { path: /^#\/admin\/?$/, view: adminView, nav: "#/admin", allowed: canWrite },
 ];
 
@@ -30,8 +30,13 @@ function renderHeader() {
     top.hidden = true;
     return;
   }
-  const links = [["#/", "Overview"], ["#/devices", "Devices"], ["#/alarms", "Alarms"]];
-  if (canWrite()) links.push(["#/rules", "Rules"], ["#/admin", "Administration"]);
+  const links = [
+    ["#/", "Overview"],
+    ["#/devices", "Devices"],
+    ["#/alarms", "Alarms"],
+    ["#/rules", "Rules"],
+  ];
+  if (canWrite()) links.push(["#/admin", "Administration"]);
   const dot = h("span", { class: "live-dot", title: "live updates" });
   onLiveStatus((up) => {
     dot.classList.toggle("up", up);
