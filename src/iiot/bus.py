@@ -48,7 +48,7 @@ class TenantEvent:
     tenant: Tenant
 
 
-RecordTopic = Literal["command", "alarm", "rule", "attributes", "connectivity"]
+RecordTopic = Literal["command", "alarm", "rule", "attributes", "connectivity", "webhook"]
 
 
 @dataclass(frozen=True, slots=True)

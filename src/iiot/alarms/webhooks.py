@@ -14,7 +14,8 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import Self
+from typing import Final, Self
+from uuid import UUID
 
 import httpx
 
@@ -27,6 +28,7 @@ __all__ = [
     "COMMAND_DONE",
     "EVENTS",
     "MAX_AGE_MS",
+    "WEBHOOK_TOPIC",
     "WebhookSender",
     "backoff_ms",
     "sign",
@@ -67,6 +69,22 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _Everyone:
+    """Contains every tenant: used while the webhooks' tenants are not known."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_EVERYONE = _Everyone()
+# The live bus topic saying a webhook was made or deleted (in any process).
+WEBHOOK_TOPIC: Final = "webhook"
+# How often the tenants with a command.completed webhook are read again, and at most how
+# many webhooks are read for it (beyond that every command event is enqueued, as before).
+_HOOKS_REREAD_S = 2.0
+_HOOKS_READ_LIMIT = 1000
+
+
 class WebhookSender:
     """Sends due outbox items; woken at once by local alarm changes."""
 
@@ -83,6 +101,10 @@ class WebhookSender:
         self._task: asyncio.Task[None] | None = None
         self._events_task: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[LiveEvent] | None = None
+        # Tenants with a webhook for command.completed (None: not known, enqueue for all),
+        # and when they were read (event loop time).
+        self._command_hook_tenants: set[UUID] | None = None
+        self._command_hooks_read_at = float("-inf")
 
     async def __aenter__(self) -> Self:
         """Start sending."""
@@ -113,15 +135,40 @@ class WebhookSender:
     def _on_alarm(self, event: RecordEvent) -> None:
         self._wake.set()
 
+    async def _command_hook_tenants_now(self) -> set[UUID] | _Everyone:
+        """Tenants with a webhook for command.completed, read again at most every
+        `_HOOKS_REREAD_S` (a webhook made in another process counts from then on)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._command_hooks_read_at >= _HOOKS_REREAD_S:
+            self._command_hooks_read_at = now
+            try:
+                page = await self._alarms.store.list_webhooks(None, _HOOKS_READ_LIMIT, 0)
+            except IIoTError:
+                self._command_hook_tenants = None
+            else:
+                self._command_hook_tenants = (
+                    None
+                    if page.total > len(page.items)
+                    else {w.tenant_id for w in page.items if "command.completed" in w.events}
+                )
+        return _EVERYONE if self._command_hook_tenants is None else self._command_hook_tenants
+
     async def _follow_commands(self) -> None:
         """Queue `command.completed` for commands that reached a final state."""
         assert self._queue is not None
         while True:
             event = await self._queue.get()
-            if not isinstance(event, RecordEvent) or event.topic != "command":
+            if not isinstance(event, RecordEvent):
+                continue
+            if event.topic == WEBHOOK_TOPIC:
+                self._command_hooks_read_at = float("-inf")  # read them again when needed
+                continue
+            if event.topic != "command":
                 continue
             if event.kind.upper() not in COMMAND_DONE:
                 continue
+            if event.tenant_id not in await self._command_hook_tenants_now():
+                continue  # no statement per command for tenants without such a webhook
             command_id = str(event.data.get("id", ""))
             event_id = f"command.completed:{command_id}"  # once, whichever process saw it
             body = event_body(

@@ -9,10 +9,11 @@ from uuid import UUID
 
 from fastapi import APIRouter, Body, Query, Response
 
-from iiot.alarms.webhooks import EVENTS
+from iiot.alarms.webhooks import EVENTS, WEBHOOK_TOPIC
 from iiot.api.deps import Auth, Svc
 from iiot.api.routes.alarms import alarm_service
 from iiot.api.schemas import MANAGEMENT_ERRORS
+from iiot.bus import RecordEvent
 from iiot.errors import InvalidRequest
 
 __all__ = ["router"]
@@ -82,6 +83,9 @@ async def create_webhook(body: WebhookBody, principal: Auth, services: Svc) -> d
     generated = secret is None
     secret = secret or secrets.token_urlsafe(32)
     hook = await alarm_service(services).store.create_webhook(tenant_id, url, secret, events)
+    services.bus.publish(
+        RecordEvent(WEBHOOK_TOPIC, "created", tenant_id, None, {"id": str(hook.id)})
+    )
     answer = hook.to_json()
     if generated:
         answer["secret"] = secret  # shown this once
@@ -107,7 +111,10 @@ async def get_webhook(webhook_id: UUID, principal: Auth, services: Svc) -> dict[
 @router.delete("/{webhook_id}", status_code=204, summary="Delete a webhook")
 async def delete_webhook(webhook_id: UUID, principal: Auth, services: Svc) -> Response:
     """Delete a webhook; what it has not delivered yet is dropped."""
+    hook = await alarm_service(services).store.get_webhook(principal.scope, webhook_id)
     await alarm_service(services).store.delete_webhook(principal.scope, webhook_id)
+    event = RecordEvent(WEBHOOK_TOPIC, "deleted", hook.tenant_id, None, {"id": str(hook.id)})
+    services.bus.publish(event)
     return Response(status_code=204)
 
 
