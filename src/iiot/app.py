@@ -104,7 +104,8 @@ def build_components(services: Services, role: RunRole = "all") -> list[Componen
         from iiot.retention import RetentionJob
 
         components.append(RetentionJob(services))
-    if role != "all" and settings.uses_postgres:  # live values between split roles
+    # Live values and commands between split roles, or between the nodes of a cluster.
+    if settings.uses_postgres and (role != "all" or settings.cluster):
         from iiot.livebridge import LiveBridge
 
         components.append(LiveBridge(services))
@@ -176,7 +177,9 @@ class Platform:
             )
             links = DeviceLinks()
             commands = await self._stack.enter_async_context(
-                CommandService(store, bus, links, metrics, distributed=self.role != "all")
+                CommandService(
+                    store, bus, links, metrics, distributed=self.role != "all" or settings.cluster
+                )
             )
             attributes = await self._stack.enter_async_context(AttributeService(store, bus, links))
             self._services = Services(

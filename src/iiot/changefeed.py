@@ -3,8 +3,9 @@
 A command that creates, disables or deletes a device publishes the same live events as
 the REST API does, on a bus of its own. `announce` hands them to the running platform:
 
-- PostgreSQL: NOTIFY on the live bridge's channel. Split roles already LISTEN there
-  (`LiveBridge`); a single `--role all` process runs a `ChangeFeed` that only listens.
+- PostgreSQL: NOTIFY on the live bridge's channel. Split roles and cluster nodes already
+  LISTEN there (`LiveBridge`); a single `--role all` process runs a `ChangeFeed` that only
+  listens.
 - SQLite: a row in `live_changes` (migration 0009). `ChangeFeed` reads new rows once a
   second: one indexed query on a table that is nearly always empty of new rows.
 
@@ -95,7 +96,7 @@ class ChangeFeed:
         if url.startswith("sqlite:"):
             path = sqlite_path(url)  # an in-memory database has no other process to hear
             return path is not None and path != ":memory:" and not path.startswith("file:")
-        return role == "all"
+        return role == "all" and not settings.cluster  # a cluster node has the bridge
 
     def describe(self) -> str:
         """Start-up log line."""

@@ -62,6 +62,8 @@ class Settings:
     amqp_queue_type: str = "classic"  # `quorum`: replicated over a RabbitMQ cluster
     worker_index: int = 0  # set by `iiot run --role ingest --workers N`: 1..N, 0 alone
     database_read_url: str | None = None  # a PostgreSQL read replica for queries; unset: primary
+    # One of several `iiot run` nodes on one PostgreSQL: live events and commands cross nodes.
+    cluster: bool = False
 
     @property
     def effective_database_url(self) -> str:
@@ -210,6 +212,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "worker_index": _int_between(0, 1024),
     "amqp_queue_type": _queue_type,
     "database_read_url": _url("postgresql", "postgres"),
+    "cluster": _bool,
 }
 
 
@@ -238,7 +241,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(
                 f"{source}={redact_secrets(text)!r} is not valid: expected {parser.__doc__}"
             ) from None
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.cluster and not settings.uses_postgres:
+        raise ConfigError(
+            "IIOT_CLUSTER=1 needs a PostgreSQL IIOT_DATABASE_URL (nodes share one database)"
+        )
+    return settings
 
 
 def _read_toml(path: str) -> dict[str, tuple[str, str]]:

@@ -9,20 +9,20 @@ consume as competing consumers; CoAP and HTTP devices talk to the nodes in turn,
 load balancer would spread them. Every point a broker or a node acknowledged must be
 stored exactly once: messages the killed node held unacknowledged are redelivered (AMQP
 to the other nodes, MQTT to the node's own session when it returns).
+
+The second test keeps the control side working while a node is dead: commands sent
+through one surviving node reach a device connected to the other, and the console's live
+channel on one node shows values posted through another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import aiocoap
@@ -31,6 +31,7 @@ import paho.mqtt.client as paho
 import pytest
 from aiocoap.numbers.codes import Code
 from paho.mqtt.enums import CallbackAPIVersion
+from websockets.asyncio.client import ClientConnection
 
 from tests.amqp_support import (
     BASE_TS,
@@ -44,8 +45,10 @@ from tests.amqp_support import (
     wait_consumers,
     wait_for,
 )
+from tests.e2e.node_helpers import Node, make_nodes, start_nodes
+from tests.e2e.test_live_channel import answer, live, subscribe
 from tests.integration.test_mqtt_support import private_mosquitto
-from tests.support import free_port, platform_env
+from tests.support import ADMIN_PASSWORD
 
 # The shared RabbitMQ/Mosquitto: never run these tests in parallel with each other.
 pytestmark = pytest.mark.shared_brokers
@@ -61,63 +64,6 @@ Point = tuple[UUID, str, int]
 
 def points_of(devices: Sequence[TestDevice], seqs: Sequence[int]) -> set[Point]:
     return {(devices[seq % len(devices)].id, key, BASE_TS + seq) for seq in seqs for key in KEYS}
-
-
-@dataclass
-class Node:
-    """One platform process with its own data directory and ports."""
-
-    env: dict[str, str]
-    log: Path
-    args: tuple[str, ...] = ()
-    proc: subprocess.Popen[bytes] | None = None
-    http_port: int = field(init=False)
-    coap_port: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.http_port = int(self.env["IIOT_HTTP_PORT"])
-        self.coap_port = int(self.env["IIOT_COAP_PORT"])
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "iiot", "run", *self.args],
-                env={**os.environ, **self.env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    async def ready(self, client: httpx.AsyncClient) -> dict[str, object]:
-        """/readyz once it answers 200 (every component up)."""
-
-        async def check() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-            try:
-                answer = await client.get(f"http://127.0.0.1:{self.http_port}/readyz")
-            except httpx.HTTPError:
-                return False
-            return answer.status_code == 200
-
-        await wait_for(check, 60, f"node {self.http_port} ready")
-        answer = await client.get(f"http://127.0.0.1:{self.http_port}/readyz")
-        return dict(answer.json())
 
 
 def mqtt_publish(port: int, devices: Sequence[TestDevice], start: int, count: int) -> list[int]:
@@ -201,29 +147,10 @@ async def test_three_nodes_one_killed_store_every_acknowledged_point_once(
     mqtt_devices, amqp_devices = devices[:10], devices[10:20]
     coap_devices, http_devices = devices[20:30], devices[30:40]
     with private_mosquitto(tmp_path) as broker:
-        nodes = []
-        for index in range(3):
-            data = tmp_path / f"node{index}"
-            data.mkdir()
-            env = platform_env(
-                data,
-                IIOT_DATABASE_URL=pg_url,
-                IIOT_HTTP_PORT=str(free_port()),
-                IIOT_COAP_PORT=str(free_port(socket.SOCK_DGRAM)),
-                IIOT_MQTT_URL=f"mqtt://127.0.0.1:{broker.port}",
-                IIOT_MQTT_SHARED_GROUP="iiot",
-                IIOT_AMQP_URL=amqp_url,
-                IIOT_LOG_LEVEL="INFO",
-            )
-            nodes.append(Node(env, data / "node.log"))
+        nodes = make_nodes(tmp_path, pg_url, amqp_url, broker.port)
         try:
-            for node in nodes:
-                node.start()
             async with httpx.AsyncClient(timeout=5) as client:
-                for node in nodes:
-                    ready = await node.ready(client)
-                    for name in ("mqtt", "amqp", "coap"):
-                        assert ready["components"][name]["state"] == "up"  # type: ignore[index]
+                await start_nodes(nodes, client)
                 await wait_consumers(amqp_url, 3, 30)
 
                 mqtt = asyncio.create_task(
@@ -301,3 +228,139 @@ async def test_three_nodes_one_killed_store_every_acknowledged_point_once(
 
 async def _at_least(db_url: str, points: int) -> bool:
     return await count_points(db_url) >= points
+
+
+async def test_three_nodes_one_killed_commands_and_live_values_cross_nodes(
+    tmp_path: Path, pg_url: str, amqp_url: str
+) -> None:
+    await reset_broker(amqp_url)
+    with private_mosquitto(tmp_path) as broker:
+        nodes = make_nodes(tmp_path, pg_url, amqp_url, broker.port)
+        first, victim, last = nodes
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                await start_nodes(nodes, client)
+                # One login, on the first node; the same signing key makes it valid on all.
+                login = await client.post(
+                    f"{first.url}/api/auth/login",
+                    json={"username": "admin", "password": ADMIN_PASSWORD},
+                )
+                assert login.status_code == 200, login.text
+                admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
+                device = await _device(client, first, admin)
+                token = device["token"]
+
+                async with live(first.url, admin) as ws_first, live(last.url, admin) as ws_last:
+                    for ws in (ws_first, ws_last):
+                        subscribed = await subscribe(ws, ["telemetry"], device["id"])
+                        assert subscribed["type"] == "subscribed", subscribed
+                    await _post(client, victim, token, {"level": 1})
+                    await _sees(ws_first, "level", 1)
+                    await _sees(ws_last, "level", 1)
+
+                    # The device waits for commands on the victim when it dies.
+                    polling = asyncio.create_task(
+                        client.get(f"{victim.url}/api/v1/{token}/rpc", params={"timeout": 20_000})
+                    )
+                    await asyncio.sleep(0.5)
+                    victim.kill()
+                    with pytest.raises(httpx.HTTPError):
+                        await polling
+
+                    # Live values still cross between the two survivors, both ways.
+                    await _post(client, first, token, {"level": 2})
+                    await _sees(ws_last, "level", 2)
+                    await _post(client, last, token, {"level": 3})
+                    await _sees(ws_first, "level", 3)
+
+                    # A two-way command sent through the first node reaches the device,
+                    # which now polls the last one; the answer comes back to the REST call.
+                    device_side = asyncio.create_task(
+                        _take_and_answer(client, last, token, {"level": 3})
+                    )
+                    await asyncio.sleep(1)  # its poll is open on the last node
+                    sent = await client.post(
+                        f"{first.url}/api/devices/{device['id']}/commands",
+                        json={"method": "getLevel", "params": {"unit": "m"}, "timeout_ms": 10_000},
+                        headers=admin,
+                    )
+                    assert sent.status_code == 200, sent.text
+                    done = sent.json()
+                    assert (done["status"], done["response"]) == ("SUCCESSFUL", {"level": 3})
+                    taken = await device_side
+                    assert (taken["id"], taken["params"]) == (done["id"], {"unit": "m"})
+
+                    # A persistent command queued through the last node while the device is
+                    # offline: delivered when it polls the first node.
+                    queued = await client.post(
+                        f"{last.url}/api/devices/{device['id']}/commands",
+                        json={"method": "calibrate", "persistent": True, "timeout_ms": 2_000},
+                        headers=admin,
+                    )
+                    assert queued.status_code == 202, queued.text
+                    assert queued.json()["status"] == "QUEUED"
+                    taken = await _take_and_answer(client, first, token, "calibrated")
+                    assert taken["id"] == queued.json()["id"]
+                    stored = await _final(client, last, admin, taken["id"])
+                    assert (stored["status"], stored["response"]) == ("SUCCESSFUL", "calibrated")
+
+                # The victim comes back and its live clients see the others' values again.
+                victim.start()
+                await victim.ready(client)
+                async with live(victim.url, admin) as ws_victim:
+                    await subscribe(ws_victim, ["telemetry"], device["id"])
+                    await _post(client, first, token, {"level": 4})
+                    await _sees(ws_victim, "level", 4)
+        finally:
+            codes = [node.stop() for node in nodes]
+    assert codes == [0, 0, 0], "a node did not stop cleanly on SIGTERM"
+
+
+async def _device(client: httpx.AsyncClient, node: Node, admin: dict[str, str]) -> Any:
+    tenant = await client.post(f"{node.url}/api/tenants", json={"name": "plant"}, headers=admin)
+    assert tenant.status_code == 201, tenant.text
+    made = await client.post(
+        f"{node.url}/api/devices",
+        json={"name": "tank", "tenant_id": tenant.json()["id"]},
+        headers=admin,
+    )
+    assert made.status_code == 201, made.text
+    return made.json()
+
+
+async def _post(client: httpx.AsyncClient, node: Node, token: str, values: Any) -> None:
+    response = await client.post(f"{node.url}/api/v1/{token}/telemetry", json=values)
+    assert response.status_code == 200, response.text
+
+
+async def _sees(ws: ClientConnection, key: str, value: Any) -> None:
+    """The live client receives this value of the key (15 s at most)."""
+    async with asyncio.timeout(15):
+        while True:
+            message = await answer(ws, "telemetry")
+            if message["data"].get(key, {}).get("value") == value:
+                return
+
+
+async def _take_and_answer(client: httpx.AsyncClient, node: Node, token: str, reply: Any) -> Any:
+    """The device polls one node for a command and answers it there."""
+    poll = await client.get(f"{node.url}/api/v1/{token}/rpc", params={"timeout": 15_000})
+    assert poll.status_code == 200, poll.text
+    command = poll.json()
+    response = await client.post(f"{node.url}/api/v1/{token}/rpc/{command['id']}", json=reply)
+    assert response.status_code == 200, response.text
+    return command
+
+
+async def _final(
+    client: httpx.AsyncClient, node: Node, admin: dict[str, str], command_id: str
+) -> Any:
+    """The command as the node stores it, once SUCCESSFUL (10 s at most)."""
+    async with asyncio.timeout(10):
+        while True:
+            command = (
+                await client.get(f"{node.url}/api/commands/{command_id}", headers=admin)
+            ).json()
+            if command["status"] == "SUCCESSFUL":
+                return command
+            await asyncio.sleep(0.1)

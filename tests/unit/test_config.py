@@ -65,3 +65,11 @@ def test_toml_unknown_key_is_refused(tmp_path: Path) -> None:
     config.write_text("htp_port = 1\n")
     with pytest.raises(ConfigError, match="unknown setting 'htp_port'"):
         load_settings({"IIOT_CONFIG": str(config)})
+
+
+def test_cluster_needs_postgresql() -> None:
+    pg = "postgresql://postgres@127.0.0.1/test"
+    assert load_settings({"IIOT_CLUSTER": "1", "IIOT_DATABASE_URL": pg}).cluster is True
+    assert load_settings({}).cluster is False
+    with pytest.raises(ConfigError, match="IIOT_CLUSTER=1 needs a PostgreSQL IIOT_DATABASE_URL"):
+        load_settings({"IIOT_CLUSTER": "1"})

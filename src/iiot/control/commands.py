@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 _SWEEP_S = 0.5
 _RECHECK_S = 1.0  # waiters re-read the command this often in case an event was lost
 _UNCLAIMED_GRACE_S = 2.0  # split roles: how long a lightweight command may wait for a taker
+# Several processes: one that can reach the device only through an external broker waits
+# this long before taking a command, so that a process holding a link that proves delivery
+# (an HTTP poll, a CoAP observation...) takes it first: it hears the command in milliseconds.
+_BROKER_GRACE_S = 0.5
 _BATCH = 200
 _LINK_FAILED_PAUSE_S = 1.0  # doubled after each failure in a row, up to the maximum
 _LINK_FAILED_PAUSE_MAX_S = 30.0
@@ -226,6 +230,8 @@ class CommandService:
             if left > 0:
                 await asyncio.sleep(left)
             self._paused.pop(device_id, None)
+        if self._distributed and _only_broker(self._links.links(device_id)):
+            await asyncio.sleep(_BROKER_GRACE_S)
         await self._flush_now(device_id)
 
     async def _flush_now(self, device_id: UUID) -> None:
@@ -427,6 +433,13 @@ def _by_preference(links: Iterable[DeviceLink]) -> list[DeviceLink]:
     ordered.reverse()
     ordered.sort(key=lambda link: not getattr(link, "confirms_delivery", True))
     return ordered
+
+
+def _only_broker(links: Iterable[DeviceLink]) -> bool:
+    """Whether the device listens for commands here, but on no link that can prove delivery
+    (only through an external broker)."""
+    proofs = [getattr(link, "confirms_delivery", True) for link in links if link.listens_commands]
+    return bool(proofs) and not any(proofs)
 
 
 class _Waiter:
