@@ -31,7 +31,7 @@ TOPICS = frozenset({"telemetry", "device", "connectivity", "alarm", "command", "
 MAX_PENDING = 2000
 # The hub's own queue on the bus: drop-oldest when full, so ingestion never waits.
 _HUB_QUEUE = 5000
-# Telemetry is handed to viewers at most this often (seconds); they flush every 0.1 s.
+# Telemetry is handed to viewers at most this often (seconds); they flush every 0.2 s.
 COALESCE_S = 0.05
 # Seconds of history for the ingest rate.
 RATE_WINDOW_S = 60

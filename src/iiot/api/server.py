@@ -117,6 +117,9 @@ class HttpServer:
             # The loop is the platform's own (uvloop for `iiot run --role api` when
             # installed, see iiot.cli).
             http=_http_protocol(),
+            # Live frames are small JSON arrays sent up to 5 times a second per console:
+            # compressing each one cost more CPU than the bytes it saved.
+            ws_per_message_deflate=False,
         )
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")

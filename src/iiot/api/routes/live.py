@@ -36,9 +36,9 @@ router = APIRouter(tags=["live"])
 AUTH_TIMEOUT_S = 10
 MAX_SUBSCRIPTIONS = 1000
 CLOSE_UNAUTHORIZED = 4401
-# At most this many flushes a second per connection: whatever arrives meanwhile is coalesced,
+# At most five flushes a second per connection: whatever arrives meanwhile is coalesced,
 # so 100 open consoles cost the same whether devices send 10 or 10,000 messages a second.
-FLUSH_INTERVAL_S = 0.1
+FLUSH_INTERVAL_S = 0.2
 _PAGE = 1000
 
 
