@@ -68,6 +68,7 @@ class MqttConnection(asyncio.Protocol):
         self.device: Device | None = None
         self.client_id = ""
         self.persistent = False
+        self.session_expiry = 0  # v5 Session Expiry Interval, seconds (the will's deadline)
         self.subscriptions: dict[str, int] = {}  # filter -> granted QoS
         self.will: mc.Will | None = None
         self.closed = False
@@ -106,6 +107,7 @@ class MqttConnection(asyncio.Protocol):
                 future.set_exception(DeliveryFailed("the device's MQTT connection closed"))
                 future.exception()
         self._outgoing.clear()
+        self.reader = mc.Reader(0)  # a pending will keeps this object: drop any partial packet
         self.server.lost(self, abnormal=not was_closed or self.will is not None)
 
     def pause_writing(self) -> None:
@@ -201,15 +203,24 @@ class MqttConnection(asyncio.Protocol):
         elif kind is mc.Unsubscribe:
             self._on_unsubscribe(packet)  # type: ignore[arg-type]
         elif kind is mc.Disconnect:
-            assert isinstance(packet, mc.Disconnect)
-            if packet.code != 0x04:  # 0x04: "disconnect with will message"
-                self.will = None
-            self._flush()
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+            self._on_disconnect(packet)  # type: ignore[arg-type]
         else:
             self.refuse("protocol_error", f"unexpected {kind.__name__} packet", PROTOCOL_ERROR_5)
+
+    def _on_disconnect(self, packet: mc.Disconnect) -> None:
+        expiry = packet.properties.get(mc.SESSION_EXPIRY)
+        if expiry is not None:  # v5 may change it when leaving; the will's deadline with it
+            if expiry and not self.session_expiry:
+                # A session that was to end with the connection cannot be kept after all.
+                self.refuse("protocol_error", "session expiry set at DISCONNECT", PROTOCOL_ERROR_5)
+                return
+            self.session_expiry = expiry
+        if packet.code != 0x04:  # 0x04: "disconnect with will message"
+            self.will = None
+        self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
     # --- CONNECT -------------------------------------------------------------------------
     def _on_connect(self, packet: mc.Connect) -> None:
@@ -266,7 +277,7 @@ class MqttConnection(asyncio.Protocol):
         if not packet.client_id:
             assigned = f"iiot-{uuid4().hex}"
             self.client_id = assigned
-        if not server.take_over(self, device):
+        if not server.take_over(self, device, packet.clean_start):
             self._connack(0x85 if v5 else 0x02)  # client identifier not valid / rejected
             self.refuse(
                 "client_id_taken",
@@ -277,6 +288,7 @@ class MqttConnection(asyncio.Protocol):
         self.device = device
         self.will = packet.will
         expiry = packet.properties.get(mc.SESSION_EXPIRY, 0) if v5 else None
+        self.session_expiry = expiry or 0
         self.persistent = not packet.clean_start and (expiry is None or expiry > 0)
         present = False
         if self.persistent:

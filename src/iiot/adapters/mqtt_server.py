@@ -4,7 +4,7 @@
 The listener (and a TLS one on `IIOT_MQTTS_PORT` when `IIOT_TLS_CERT`/`IIOT_TLS_KEY` are
 set), logins checked through the device registry, client-id takeover, persistent sessions,
 the device links and the limits shared by every connection. The per-connection protocol is
-`mqtt_connection`, the topics `mqtt_topics`, what they do `mqtt_actions`.
+`mqtt_connection`, the topics `mqtt_topics`, what they do `mqtt_actions`, wills `mqtt_wills`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from iiot.adapters.mqtt import RefusalLog
 from iiot.adapters.mqtt_actions import Actions, MqttDeviceLink
 from iiot.adapters.mqtt_connection import PROTOCOL, MqttConnection
 from iiot.adapters.mqtt_sessions import SessionStore
-from iiot.adapters.mqtt_topics import route
+from iiot.adapters.mqtt_wills import Wills
 from iiot.errors import AuthenticationError
 from iiot.model import Device
 from iiot.services import Services
@@ -50,6 +50,7 @@ class MqttServer:
         self.refusals = RefusalLog(log)
         self.actions = Actions(self)
         self.sessions = SessionStore(services)
+        self.wills = Wills(self)
         self.connections: set[MqttConnection] = set()
         self.by_client_id: dict[str, MqttConnection] = {}
         self._links: dict[tuple[MqttConnection, str | None], MqttDeviceLink] = {}
@@ -121,6 +122,7 @@ class MqttServer:
 
     async def __aexit__(self, *exc: object) -> None:
         self._closing = True
+        self.wills.publish_all()
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
@@ -186,16 +188,25 @@ class MqttServer:
         except AuthenticationError:
             return None
 
-    def take_over(self, conn: MqttConnection, device: Device) -> bool:
+    def take_over(self, conn: MqttConnection, device: Device, clean_start: bool) -> bool:
         """Register the connection under its client id; an older one of the same device is
-        closed (session taken over); one of another device keeps it and this one is refused."""
+        closed (session taken over); one of another device keeps it and this one is refused.
+
+        The older connection's will (or one still waiting for its delay) is dropped when the
+        v5 session goes on in this connection, and published now when it ends: Clean Start,
+        a Session Expiry of 0, or MQTT 3.1.1 (whose will is due whenever a connection ends).
+        """
         old = self.by_client_id.get(conn.client_id)
         if old is not None and old is not conn:
             if old.device is None or old.device.id != device.id:
                 return False
-            old.will = None if old.version == mc.V5 else old.will
+            will, old.will = old.will, None
+            goes_on = old.version == mc.V5 and not clean_start and old.session_expiry > 0
+            if will is not None and not goes_on:
+                self.wills.publish(old, will)
             old.close(0x8E)  # session taken over
             self._forget(old)
+        self.wills.reconnected(device, conn.client_id, clean_start)
         self.by_client_id[conn.client_id] = conn
         return True
 
@@ -208,8 +219,8 @@ class MqttServer:
         if conn in self.connections:
             self.connections.discard(conn)
             self._gauge.dec()
-        if conn.device is not None and conn.will is not None and not self._closing:
-            self._publish_will(conn)
+        if conn.will is not None and not self._closing:
+            self.wills.connection_ended(conn)
         if conn.device is not None and conn.persistent and not self._closing:
             self.track(self.sessions.save(conn.client_id, conn.device, conn.subscriptions))
         self._forget(conn)
@@ -220,26 +231,6 @@ class MqttServer:
         for key in [key for key in self._links if key[0] is conn]:
             link = self._links.pop(key)
             self.services.links.detach(link.device.id, link)
-
-    def _publish_will(self, conn: MqttConnection) -> None:
-        """The will of a device gone without DISCONNECT: as if it had published it."""
-        will, device = conn.will, conn.device
-        conn.will = None
-        assert will is not None and device is not None
-        found = route(str(device.id), device.is_gateway, will.topic)
-        if found is None:
-            self.forbidden(conn, "forbidden_topic", f"will topic {will.topic!r} refused")
-            return
-        if found.action == "telemetry":
-            self.track(self._ingest_will(device, will.payload))
-        else:
-            self.track(self.actions.run(conn, found, will.payload))
-
-    async def _ingest_will(self, device: Device, body: bytes) -> None:
-        try:
-            await self.services.ingestor.ingest(device, body, PROTOCOL)
-        except Exception as exc:
-            self.note("will", f"will message of device {device.id} not stored: {exc}")
 
     # --- links -----------------------------------------------------------------------------
     def subscriptions_changed(self, conn: MqttConnection) -> None:
@@ -279,7 +270,8 @@ class MqttServer:
             children[name] = child
             if len(children) > 100_000:
                 del children[next(iter(children))]
-            self._update_link(conn, child, name)
+            if not conn.closed:  # a will acts for a closed connection: nothing to link
+                self._update_link(conn, child, name)
         return child
 
     def gateway_child_gone(self, conn: MqttConnection, name: str) -> None:
