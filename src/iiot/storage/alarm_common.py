@@ -7,21 +7,41 @@ import uuid
 from typing import Any
 from uuid import UUID
 
-from iiot.alarms.model import SEVERITY_RANK, Alarm, AlarmFilter, AlarmStatus, Severity, event_body
+from iiot.alarms.model import (
+    SEVERITY_RANK,
+    Alarm,
+    AlarmFilter,
+    AlarmStatus,
+    Rule,
+    Severity,
+    Webhook,
+    event_body,
+)
 
 __all__ = [
     "ALARM_COLS",
+    "DELIVERY_COLS",
+    "RULE_COLS",
+    "WEBHOOK_COLS",
     "alarm_event_body",
     "alarm_of",
+    "as_is",
     "events_text",
     "filter_sql",
     "new_event_id",
     "rank",
+    "rule_of",
+    "webhook_of",
 ]
 
 ALARM_COLS = (
     "id, tenant_id, device_id, type, severity, acknowledged, cleared, start_ts, end_ts,"
     " ack_ts, ack_by, clear_ts, value, rule_id, details"
+)
+RULE_COLS = "id, tenant_id, spec, created_at, updated_at"
+WEBHOOK_COLS = "id, tenant_id, url, secret, events, created_at"
+DELIVERY_COLS = (
+    "id, webhook_id, event, event_id, attempt, ts, status_code, error, duration_ms, outcome"
 )
 
 
@@ -57,6 +77,22 @@ def alarm_of(row: Any, as_uuid: Any) -> Alarm:
         rule_id=None if row[13] is None else as_uuid(row[13]),
         details=_json(row[14]) or {},
     )
+
+
+def as_is(value: Any) -> Any:
+    """Ids as the driver gives them (asyncpg: `UUID` already), for `as_uuid` arguments."""
+    return value
+
+
+def rule_of(row: Any, as_uuid: Any) -> Rule:
+    """A rule from a row in RULE_COLS order; `as_uuid` converts the id columns."""
+    return Rule(as_uuid(row[0]), as_uuid(row[1]), json.loads(row[2]), row[3], row[4])
+
+
+def webhook_of(row: Any, as_uuid: Any) -> Webhook:
+    """A webhook from a row in WEBHOOK_COLS order; `as_uuid` converts the id columns."""
+    events = tuple(e for e in row[4].split(",") if e)
+    return Webhook(as_uuid(row[0]), as_uuid(row[1]), row[2], row[3], events, row[5])
 
 
 def events_text(events: tuple[str, ...]) -> str:

@@ -6,6 +6,10 @@ coroutine's statements and no lock is needed in Python. The database runs in WAL
 `synchronous=FULL`: readers in other processes (backups) never block the writer, and every
 commit is on disk before a device is acknowledged, even across a power cut (the pipeline's
 batching keeps the number of fsyncs low).
+
+Here: the lifecycle, tenants and devices. Users, device lookups and presence, telemetry and
+MQTT sessions are mixins of their own (`sqlite_users`, `sqlite_devices`, `sqlite_telemetry`,
+`sqlite_mqtt_sessions`); the schema scripts are applied by `sqlite_migrations`.
 """
 
 from __future__ import annotations
@@ -21,19 +25,21 @@ from uuid import UUID, uuid4
 
 from iiot.errors import Conflict, InvalidRequest, NotFound, StorageUnavailable
 from iiot.filemodes import secure_file
-from iiot.model import Device, Role, Tenant, User
+from iiot.model import Device, Tenant
 from iiot.storage import _common
 from iiot.storage.base import DeviceFilter, Page, Scope
 from iiot.storage.control_sqlite import SqliteControlStore
 from iiot.storage.device_filters import device_where
 from iiot.storage.sqlite_devices import DEVICE_COLS, SqliteDevices, device_from_row
+from iiot.storage.sqlite_migrations import apply_migrations
 from iiot.storage.sqlite_mqtt_sessions import SqliteMqttSessions
 from iiot.storage.sqlite_purge import queue_purges
 from iiot.storage.sqlite_reads import SqliteReader, read_connection
 
 # Helpers that moved with the telemetry code, still at hand for the methods here.
-from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction  # noqa: F401
+from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _blob, _placeholders, _transaction  # noqa: F401
 from iiot.storage.sqlite_telemetry import SqliteTelemetry
+from iiot.storage.sqlite_users import SqliteUsers
 
 __all__ = ["SqliteStore"]
 
@@ -54,55 +60,17 @@ _UNAVAILABLE_CODES = {
 }
 
 _TENANT_COLS = "id, name, created_at, retention_days"
-_USER_COLS = "id, username, role, tenant_id, password_hash, created_at, token_version"
 _DEVICE_COLS = DEVICE_COLS
-
-
-def _uuid(value: bytes | None) -> UUID | None:
-    return None if value is None else UUID(bytes=value)
-
-
-def _blob(value: UUID | None) -> bytes | None:
-    return None if value is None else value.bytes
 
 
 def _tenant(row: Any) -> Tenant:
     return Tenant(UUID(bytes=row[0]), row[1], row[2], row[3])
 
 
-def _user(row: Any) -> User:
-    return User(
-        id=UUID(bytes=row[0]),
-        username=row[1],
-        role=Role(row[2]),
-        tenant_id=_uuid(row[3]),
-        password_hash=row[4],
-        created_at=row[5],
-        token_version=row[6],
-    )
-
-
 _device = device_from_row
 
 
-def _split_statements(script: str) -> list[str]:
-    """The statements of an SQL script (sqlite3.executescript would COMMIT first)."""
-    statements: list[str] = []
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip():
-                statements.append(buffer.strip())
-            buffer = ""
-    if buffer.strip() and not all(
-        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
-    ):
-        raise ValueError(f"incomplete SQL statement at the end of a migration: {buffer!r}")
-    return statements
-
-
-class SqliteStore(SqliteTelemetry, SqliteDevices, SqliteMqttSessions):
+class SqliteStore(SqliteTelemetry, SqliteUsers, SqliteDevices, SqliteMqttSessions):
     """The `Store` on an SQLite file; reusable, not reentrant."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
@@ -161,7 +129,7 @@ class SqliteStore(SqliteTelemetry, SqliteDevices, SqliteMqttSessions):
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            self._migrate(conn)
+            apply_migrations(conn)
         except BaseException:
             conn.close()
             raise
@@ -174,27 +142,6 @@ class SqliteStore(SqliteTelemetry, SqliteDevices, SqliteMqttSessions):
                 conn.execute("PRAGMA optimize")  # keeps the query planner's statistics fresh
             finally:
                 conn.close()
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        # One transaction holding the write lock: a second process starting at the same
-        # time waits, then finds every version applied.
-        with _transaction(conn):
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
-                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-            )
-            applied = {r[0] for r in conn.execute("SELECT version FROM schema_version")}
-            for migration in _common.load_migrations("sqlite"):
-                if migration.version in applied:
-                    continue
-                log.info("applying SQLite migration %s", migration.name)
-                for statement in _split_statements(migration.sql):
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
-                    (migration.version, migration.name, _common.now_ms()),
-                )
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the worker thread; an unusable database is `StorageUnavailable`."""
@@ -324,124 +271,6 @@ class SqliteStore(SqliteTelemetry, SqliteDevices, SqliteMqttSessions):
                 return ids
 
         await self._purge(await self._call(run))
-
-    # --- users -------------------------------------------------------------------------
-    async def create_user(
-        self, tenant_id: UUID | None, username: str, password_hash: str, role: Role
-    ) -> User:
-        """Create a user; usernames are unique across the platform (`Conflict`)."""
-        role = Role(role)
-        _common.check_user_tenant(role, tenant_id)
-
-        def run() -> User:
-            user = User(uuid4(), username, role, tenant_id, password_hash, _common.now_ms())
-            try:
-                self._db.execute(
-                    "INSERT INTO users (id, username, password_hash, role, tenant_id, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        user.id.bytes,
-                        username,
-                        password_hash,
-                        role.value,
-                        _blob(tenant_id),
-                        user.created_at,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                if "FOREIGN KEY" in str(exc):
-                    raise NotFound(f"tenant {tenant_id} not found") from exc
-                raise Conflict(f"a user named {username!r} already exists") from exc
-            return user
-
-        return await self._call(run)
-
-    def _user_row(self, scope: Scope, user_id: UUID) -> User:
-        sql = f"SELECT {_USER_COLS} FROM users WHERE id = ?"
-        args: tuple[Any, ...] = (user_id.bytes,)
-        if scope is not None:
-            sql += " AND tenant_id = ?"
-            args += (scope.bytes,)
-        row = self._db.execute(sql, args).fetchone()
-        if row is None:
-            raise NotFound(f"user {user_id} not found")
-        return _user(row)
-
-    async def get_user(self, scope: Scope, user_id: UUID) -> User:
-        """One user visible in the scope."""
-        return await self._call(self._user_row, scope, user_id)
-
-    async def find_user(self, username: str) -> User | None:
-        """The user with this username, for login (not scoped)."""
-
-        def run() -> User | None:
-            row = self._db.execute(
-                f"SELECT {_USER_COLS} FROM users WHERE username = ?", (username,)
-            ).fetchone()
-            return None if row is None else _user(row)
-
-        return await self._call(run)
-
-    async def count_users(self) -> int:
-        """How many users exist (to create the first administrator)."""
-        row = await self._call(lambda: self._db.execute("SELECT count(*) FROM users").fetchone())
-        return int(row[0])
-
-    async def list_users(self, scope: Scope, limit: int, offset: int) -> Page[User]:
-        """Users visible in the scope, by username."""
-        _common.check_page(limit, offset)
-
-        def run() -> Page[User]:
-            where, args = ("", ()) if scope is None else ("WHERE tenant_id = ?", (scope.bytes,))
-            total = self._db.execute(f"SELECT count(*) FROM users {where}", args).fetchone()
-            rows = self._db.execute(
-                f"SELECT {_USER_COLS} FROM users {where} ORDER BY username LIMIT ? OFFSET ?",
-                (*args, limit, offset),
-            ).fetchall()
-            return Page([_user(r) for r in rows], total[0])
-
-        return await self._read_call(run)
-
-    async def update_user(
-        self,
-        scope: Scope,
-        user_id: UUID,
-        *,
-        password_hash: str | None = None,
-        role: Role | None = None,
-    ) -> User:
-        """Change a user's password hash or role."""
-
-        def run() -> User:
-            with _transaction(self._db):
-                current = self._user_row(scope, user_id)
-                new_role = current.role if role is None else Role(role)
-                _common.check_user_tenant(new_role, current.tenant_id)
-                # Tokens issued before a new password or role stop working.
-                bump = int(password_hash is not None or new_role != current.role)
-                self._db.execute(
-                    "UPDATE users SET password_hash = ?, role = ?,"
-                    " token_version = token_version + ? WHERE id = ?",
-                    (
-                        password_hash or current.password_hash,
-                        new_role.value,
-                        bump,
-                        user_id.bytes,
-                    ),
-                )
-                return self._user_row(scope, user_id)
-
-        return await self._call(run)
-
-    async def delete_user(self, scope: Scope, user_id: UUID) -> None:
-        """Delete a user."""
-
-        def run() -> None:
-            with _transaction(self._db):
-                self._user_row(scope, user_id)
-                self._db.execute("DELETE FROM users WHERE id = ?", (user_id.bytes,))
-
-        await self._call(run)
 
     # --- devices -----------------------------------------------------------------------
     async def create_device(

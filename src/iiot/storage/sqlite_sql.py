@@ -1,10 +1,11 @@
-"""SQLite helpers shared by the store's modules: write transactions and statement sizes."""
+"""SQLite helpers shared by the store's modules: write transactions, statement sizes, ids."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from uuid import UUID
 
 # SQLite allows 32766 host parameters per statement; stay far below it.
 _CHUNK = 500
@@ -14,6 +15,14 @@ _VALUE_COLS = "num_value, int_value, bool_value, str_value"
 
 def _placeholders(n: int) -> str:
     return ", ".join("?" * n)
+
+
+def _uuid(value: bytes | None) -> UUID | None:
+    return None if value is None else UUID(bytes=value)
+
+
+def _blob(value: UUID | None) -> bytes | None:
+    return None if value is None else value.bytes
 
 
 @contextmanager
