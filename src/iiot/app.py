@@ -176,7 +176,14 @@ class Platform:
             )
             links = DeviceLinks()
             commands = await self._stack.enter_async_context(
-                CommandService(store, bus, links, metrics, distributed=self.role != "all")
+                CommandService(
+                    store,
+                    bus,
+                    links,
+                    metrics,
+                    distributed=self.role != "all",
+                    sequential=settings.commands_sequential,
+                )
             )
             attributes = await self._stack.enter_async_context(AttributeService(store, bus, links))
             self._services = Services(

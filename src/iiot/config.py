@@ -62,6 +62,9 @@ class Settings:
     amqp_queue_type: str = "classic"  # `quorum`: replicated over a RabbitMQ cluster
     worker_index: int = 0  # set by `iiot run --role ingest --workers N`: 1..N, 0 alone
     database_read_url: str | None = None  # a PostgreSQL read replica for queries; unset: primary
+    # At most one command in flight per device: the next goes once the previous is finished
+    # (ThingsBoard's ACTORS_RPC_SEQUENTIAL). Every platform process must agree on it.
+    commands_sequential: bool = False
 
     @property
     def effective_database_url(self) -> str:
@@ -210,6 +213,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "worker_index": _int_between(0, 1024),
     "amqp_queue_type": _queue_type,
     "database_read_url": _url("postgresql", "postgres"),
+    "commands_sequential": _bool,
 }
 
 
