@@ -178,7 +178,12 @@ class Platform:
             links = DeviceLinks()
             commands = await self._stack.enter_async_context(
                 CommandService(
-                    store, bus, links, metrics, distributed=self.role != "all" or settings.cluster
+                    store,
+                    bus,
+                    links,
+                    metrics,
+                    distributed=self.role != "all" or settings.cluster,
+                    sequential=settings.commands_sequential,
                 )
             )
             attributes = await self._stack.enter_async_context(AttributeService(store, bus, links))

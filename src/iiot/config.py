@@ -64,6 +64,9 @@ class Settings:
     database_read_url: str | None = None  # a PostgreSQL read replica for queries; unset: primary
     # One of several `iiot run` nodes on one PostgreSQL: live events and commands cross nodes.
     cluster: bool = False
+    # At most one command in flight per device: the next goes once the previous is finished
+    # (ThingsBoard's ACTORS_RPC_SEQUENTIAL). Every platform process must agree on it.
+    commands_sequential: bool = False
 
     @property
     def effective_database_url(self) -> str:
@@ -213,6 +216,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "amqp_queue_type": _queue_type,
     "database_read_url": _url("postgresql", "postgres"),
     "cluster": _bool,
+    "commands_sequential": _bool,
 }
 
 

@@ -8,19 +8,36 @@ processes. A process that holds a link of the device delivers the device's QUEUE
 commands, in creation order, whenever a command is queued (here or elsewhere) and
 whenever a link attaches. Delivery is at least once; the command id stays the same on
 every attempt, so a device can drop duplicates.
+
+`sequential` (`IIOT_COMMANDS_SEQUENTIAL`, ThingsBoard's `ACTORS_RPC_SEQUENTIAL`): a device
+has at most one command in flight (`Command.in_flight`). The claim QUEUED -> SENT then
+passes only for the device's next command (none in flight, none older QUEUED), checked by
+the store in the same atomic step, so it holds whichever process or link delivers; each
+event that frees a device (a final state, a TIMEOUT, a one-way DELIVERED) starts the next
+delivery round where a link is held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Iterable
 from typing import Any, Self
 from uuid import UUID
 
 from iiot.bus import LiveBus, RecordEvent
-from iiot.control.rules import CANCELABLE, CLAIMABLE, EXPIRABLE, REPLYABLE, CommandRequest
+from iiot.control.rules import (
+    CANCELABLE,
+    CLAIMABLE,
+    EXPIRABLE,
+    REPLYABLE,
+    CommandRequest,
+    frees_device,
+    settled,
+    settled_data,
+)
 from iiot.errors import Conflict, NotFound
 from iiot.links import DeliveryFailed, DeviceLink, DeviceLinks, OutboundCommand
 from iiot.metrics import Metrics
@@ -47,6 +64,16 @@ _LINK_FAILED_PAUSE_MAX_S = 30.0
 # their event was lost (a bus queue that overflowed, a bridge that reconnected).
 _RESCUE_EVERY = 10
 _RESCUE_AGE_MS = 2000  # after a link failed: wait before trying the device's links again
+_SEQUENTIAL_BATCH = 20  # one command is delivered at a time; more only to skip expired ones
+
+
+class _Outcome(enum.Enum):
+    """How one delivery attempt ended."""
+
+    IN_FLIGHT = "in flight"  # the link has it; the device is not done with it yet
+    DONE = "done"  # expired, or delivered and final (one-way)
+    TAKEN = "taken"  # moved first by another process or a cancel, or not the device's next
+    LINK_FAILED = "link failed"  # back to QUEUED; try another link
 
 
 class CommandService:
@@ -60,13 +87,16 @@ class CommandService:
         metrics: Metrics,
         *,
         distributed: bool,
+        sequential: bool = False,
     ) -> None:
-        """`distributed`: other platform processes may hold device links (split roles)."""
+        """`distributed`: other platform processes may hold device links (split roles);
+        `sequential`: at most one command in flight per device."""
         self._store = store
         self._bus = bus
         self._links = links
         self._metrics = metrics
         self._distributed = distributed
+        self._sequential = sequential
         # Waiting senders by command; each hears the newest status seen on the bus.
         self._waiters: dict[UUID, set[_Waiter]] = {}
         self._device_locks: dict[UUID, asyncio.Lock] = {}
@@ -101,6 +131,8 @@ class CommandService:
 
     def describe(self) -> str:
         """One line for the start-up log."""
+        if self._sequential:
+            return "commands: delivery through device links, one at a time per device"
         return "commands: delivery through device links"
 
     async def _requeue_orphans(self) -> None:
@@ -156,7 +188,7 @@ class CommandService:
         try:
             # Events before this waiter existed are not heard: start from the stored state.
             command = await self._store.control.get_command(scope, command.id)
-            while not _settled(command):
+            while not settled(command):
                 left = deadline - loop.time()
                 if left <= 0:
                     break
@@ -175,7 +207,7 @@ class CommandService:
                 waiters.discard(waiter)
                 if not waiters:
                     del self._waiters[command.id]
-        if not _settled(command) and not command.persistent:
+        if not settled(command) and not command.persistent:
             timed_out = await self._move(
                 command, "TIMEOUT", EXPIRABLE, error="no answer within the timeout"
             )
@@ -248,12 +280,15 @@ class CommandService:
                 )
                 if not links:
                     break
-                queued = await self._store.control.queued_commands(None, device_id, _BATCH)
+                batch = _SEQUENTIAL_BATCH if self._sequential else _BATCH
+                queued = await self._store.control.queued_commands(None, device_id, batch)
                 if not queued:
                     break
+                done = False
                 for command in queued:
                     link = links[0]
-                    if not await self._deliver(command, link):
+                    outcome = await self._deliver(command, link)
+                    if outcome is _Outcome.LINK_FAILED:
                         failed.add(id(link))
                         failures = self._failures.get(device_id, 0) + 1
                         self._failures[device_id] = failures
@@ -264,23 +299,34 @@ class CommandService:
                         self._paused[device_id] = asyncio.get_running_loop().time() + pause
                         break
                     self._failures.pop(device_id, None)
-                else:
-                    if len(queued) < _BATCH:
+                    if self._sequential and outcome is not _Outcome.DONE:
+                        # One at a time: the event that frees the device starts the next round.
+                        done = True
                         break
+                else:
+                    if len(queued) < batch:
+                        break
+                if done:
+                    break
         if not lock.locked() and device_id not in self._pending_flush:
             self._device_locks.pop(device_id, None)
 
-    async def _deliver(self, command: Command, link: DeviceLink) -> bool:
-        """One attempt through one link; False when the link failed."""
+    async def _deliver(self, command: Command, link: DeviceLink) -> _Outcome:
+        """One attempt through one link."""
         now = now_ms()
         if command.expires_at <= now:
             await self._move(command, "EXPIRED", EXPIRABLE)
-            return True
+            return _Outcome.DONE
         sent = await self._move(
-            command, "SENT", CLAIMABLE, deadline=now + command.timeout_ms, add_attempts=1
+            command,
+            "SENT",
+            CLAIMABLE,
+            deadline=now + command.timeout_ms,
+            add_attempts=1,
+            only_if_next=self._sequential,
         )
         if sent is None:
-            return True  # another process (or a cancel) took it first
+            return _Outcome.TAKEN
         outbound = OutboundCommand(sent.id, sent.method, sent.params, sent.oneway)
         try:
             confirmed = await link.deliver_command(outbound)
@@ -290,21 +336,27 @@ class CommandService:
             await self._move(
                 sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
             )
-            return False
+            return _Outcome.LINK_FAILED
         except Exception as exc:  # a broken adapter must not lose the command
             log.exception("link %s failed delivering command %s", link.protocol, sent.id)
             await self._move(
                 sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
             )
-            return False
+            return _Outcome.LINK_FAILED
         if confirmed:
             deadline = None if sent.oneway else now_ms() + sent.timeout_ms
-            await self._move(sent, "DELIVERED", ("SENT",), deadline=deadline)
-        return True
+            delivered = await self._move(sent, "DELIVERED", ("SENT",), deadline=deadline)
+            if delivered is not None and delivered.final:
+                return _Outcome.DONE
+        return _Outcome.IN_FLIGHT
 
     async def _fail_unclaimed(self, command: Command) -> None:
         """Split roles: a lightweight command nobody took soon is FAILED, not left waiting."""
         await asyncio.sleep(_UNCLAIMED_GRACE_S)
+        if self._sequential:
+            busy = await self._store.control.command_in_flight(None, command.device_id)
+            if busy is not None:
+                return  # waiting its turn behind another command; its timeout still applies
         await self._move(
             command,
             "FAILED",
@@ -373,6 +425,7 @@ class CommandService:
         response: Any = UNSET,
         error: str | None = None,
         add_attempts: int = 0,
+        only_if_next: bool = False,
     ) -> Command | None:
         moved = await self._store.control.transition_command(
             None,
@@ -384,6 +437,7 @@ class CommandService:
             response=response,
             error=error,
             add_attempts=add_attempts,
+            only_if_next=only_if_next,
         )
         if moved is not None:
             self._announce(moved)
@@ -409,10 +463,13 @@ class CommandService:
             except (KeyError, ValueError):
                 continue
             for waiter in self._waiters.get(command_id, ()):
-                waiter.settled = waiter.settled or _settled_data(event.data)
+                waiter.settled = waiter.settled or settled_data(event.data)
                 waiter.event.set()
             device_id = event.device_id
-            if event.kind == "QUEUED" and device_id and self._links.connected(device_id):
+            wanted = event.kind == "QUEUED" or (
+                self._sequential and frees_device(event.kind, event.data)
+            )
+            if wanted and device_id and self._links.connected(device_id):
                 self._schedule_flush(device_id)
 
     def _spawn(self, coro: Any) -> None:
@@ -450,22 +507,3 @@ class _Waiter:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.settled = False
-
-
-def _settled_data(data: Any) -> bool:
-    """`_settled` on a command's REST representation (a bus event's data)."""
-    status = data.get("status")
-    if status in ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED"):
-        return True
-    if status == "TIMEOUT":
-        return True  # read it: whether a retry follows is in the stored deadline
-    return bool(data.get("oneway")) and status == "DELIVERED"
-
-
-def _settled(command: Command) -> bool:
-    """Whether a waiting sender has its answer."""
-    if command.status in ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED"):
-        return True
-    if command.status == "TIMEOUT" and command.deadline is None:
-        return True  # timed out with no retry left
-    return command.oneway and command.status == "DELIVERED"

@@ -1,4 +1,5 @@
-"""The command lifecycle's rules: which state may follow which, and request defaults.
+"""The command lifecycle's rules: which state may follow which, request defaults, when a
+waiting sender has its answer and when a device is free for its next command.
 
 QUEUED -> SENT -> DELIVERED -> SUCCESSFUL, or TIMEOUT, EXPIRED, FAILED, CANCELED. The only
 ways back to QUEUED are a TIMEOUT with a retry left (or a persistent command the device
@@ -8,9 +9,12 @@ never confirmed) and a link that failed before the device confirmed (SENT -> QUE
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iiot.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from iiot.storage.control import Command
 
 __all__ = [
     "CANCELABLE",
@@ -19,6 +23,9 @@ __all__ = [
     "EXPIRABLE",
     "REPLYABLE",
     "CommandRequest",
+    "frees_device",
+    "settled",
+    "settled_data",
 ]
 
 DAY_MS = 24 * 3600 * 1000
@@ -60,3 +67,30 @@ class CommandRequest:
         if self.persistent:
             return now + DAY_MS
         return now + self.timeout_ms * (self.retries + 1)
+
+
+def frees_device(status: str, data: Any) -> bool:
+    """Whether a command event (its status and REST data) may leave its device with nothing
+    in flight: the next command may go (`IIOT_COMMANDS_SEQUENTIAL`)."""
+    if status == "DELIVERED":
+        return bool(data.get("oneway"))
+    return status not in ("QUEUED", "SENT")
+
+
+def settled_data(data: Any) -> bool:
+    """`settled` on a command's REST representation (a bus event's data)."""
+    status = data.get("status")
+    if status in ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED"):
+        return True
+    if status == "TIMEOUT":
+        return True  # read it: whether a retry follows is in the stored deadline
+    return bool(data.get("oneway")) and status == "DELIVERED"
+
+
+def settled(command: Command) -> bool:
+    """Whether a waiting sender has its answer."""
+    if command.status in ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED"):
+        return True
+    if command.status == "TIMEOUT" and command.deadline is None:
+        return True  # timed out with no retry left
+    return command.oneway and command.status == "DELIVERED"

@@ -23,6 +23,7 @@ __all__ = [
     "Command",
     "ControlStore",
     "NewCommand",
+    "in_flight_sql",
 ]
 
 STATES = (
@@ -38,6 +39,17 @@ STATES = (
 OPEN_STATES = ("QUEUED", "SENT", "DELIVERED", "TIMEOUT")
 FINAL_STATES = ("SUCCESSFUL", "EXPIRED", "FAILED", "CANCELED")
 ATTRIBUTE_SCOPES = ("client", "shared", "server")
+
+
+# A command is in flight while the device may still be working on it: SENT, DELIVERED
+# two-way, or TIMEOUT with a retry due (its deadline says when it is queued again). With
+# `IIOT_COMMANDS_SEQUENTIAL` a device's next command waits until none is.
+def in_flight_sql(alias: str) -> str:
+    """The in-flight condition on the `commands` row `alias`, the same in both dialects."""
+    return (
+        f"({alias}.status = 'SENT' OR ({alias}.status = 'DELIVERED' AND NOT {alias}.oneway)"
+        f" OR ({alias}.status = 'TIMEOUT' AND {alias}.deadline IS NOT NULL))"
+    )
 
 
 class _Unset:
@@ -94,6 +106,15 @@ class Command:
     def final(self) -> bool:
         """Whether nothing will change this command any more."""
         return self.status in FINAL_STATES or (self.status == "DELIVERED" and self.oneway)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether the device may still be working on it (`in_flight_sql` in Python)."""
+        if self.status == "DELIVERED":
+            return not self.oneway
+        if self.status == "TIMEOUT":
+            return self.deadline is not None
+        return self.status == "SENT"
 
     def rest(self) -> dict[str, Any]:
         """The REST representation (also the data of its live events)."""
@@ -157,9 +178,12 @@ class ControlStore(Protocol):
         response: Any = UNSET,
         error: str | None = None,
         add_attempts: int = 0,
+        only_if_next: bool = False,
     ) -> Command | None:
         """Move a command to `to` only if its status is in `allowed_from` (one transaction
-        with its transition row); None when it was not (someone else moved it first)."""
+        with its transition row); None when it was not (someone else moved it first).
+        `only_if_next`: also only if it is its device's next command: none other in flight and
+        none older QUEUED, checked and moved atomically even when processes race."""
         ...
 
     async def queued_commands(self, scope: Scope, device_id: UUID, limit: int) -> list[Command]:
@@ -168,6 +192,10 @@ class ControlStore(Protocol):
 
     async def due_commands(self, scope: Scope, now: int, limit: int) -> list[Command]:
         """Open commands past their deadline or expiry (for the sweeper)."""
+        ...
+
+    async def command_in_flight(self, scope: Scope, device_id: UUID) -> Command | None:
+        """The device's oldest command in flight, if any."""
         ...
 
     async def queued_devices(self, scope: Scope, before: int, limit: int) -> list[UUID]:

@@ -14,7 +14,7 @@ from uuid import UUID, uuid4
 
 from iiot.errors import NotFound
 from iiot.storage.base import Page, Scope
-from iiot.storage.control import UNSET, AttributeValue, Command, NewCommand
+from iiot.storage.control import UNSET, AttributeValue, Command, NewCommand, in_flight_sql
 
 __all__ = ["PgControlStore"]
 
@@ -33,6 +33,14 @@ WITH u AS (
         attempts = attempts + $9
     WHERE id = $1 AND status = ANY($2::text[])
       AND ($10::uuid IS NULL OR tenant_id = $10) AND ($11::uuid IS NULL OR device_id = $11)
+      -- only_if_next: only the device's oldest QUEUED command, with none in flight. Of two
+      -- racing claims the newer one's snapshot sees the older QUEUED (not committed yet) or
+      -- SENT, so it is refused: no lock is needed.
+      AND (NOT $12 OR NOT EXISTS (
+          SELECT 1 FROM commands o WHERE o.device_id = commands.device_id AND o.id <> commands.id
+            AND ((o.status IN ('SENT', 'DELIVERED', 'TIMEOUT') AND {in_flight_sql("o")})
+              OR (o.status = 'QUEUED'
+                  AND (o.created_at, o.id) < (commands.created_at, commands.id)))))
     RETURNING {_COLS}
 ), t AS (
     INSERT INTO command_transitions (command_id, status, ts) SELECT id, status, updated_at FROM u
@@ -198,6 +206,7 @@ class PgControlStore:
         response: Any = UNSET,
         error: str | None = None,
         add_attempts: int = 0,
+        only_if_next: bool = False,
     ) -> Command | None:
         """Conditional move with its transition row, in one statement."""
 
@@ -217,6 +226,7 @@ class PgControlStore:
                 add_attempts,
                 scope,
                 device_id,
+                only_if_next,
             )
             if row is None:
                 return None
@@ -259,6 +269,23 @@ class PgControlStore:
             return [_command(r) for r in rows]
 
         result: list[Command] = await self._run(op)
+        return result
+
+    async def command_in_flight(self, scope: Scope, device_id: UUID) -> Command | None:
+        """The device's oldest command in flight, if any."""
+
+        async def op(conn: Any) -> Command | None:
+            row = await conn.fetchrow(
+                f"SELECT {_COLS} FROM commands c WHERE device_id = $1"
+                " AND status IN ('SENT', 'DELIVERED', 'TIMEOUT')"
+                f" AND {in_flight_sql('c')} AND ($2::uuid IS NULL OR tenant_id = $2)"
+                " ORDER BY created_at, id LIMIT 1",
+                device_id,
+                scope,
+            )
+            return None if row is None else _command(row)
+
+        result: Command | None = await self._run(op)
         return result
 
     async def queued_devices(self, scope: Scope, before: int, limit: int) -> list[UUID]:

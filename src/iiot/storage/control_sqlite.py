@@ -16,7 +16,7 @@ from uuid import UUID, uuid4
 
 from iiot.errors import NotFound
 from iiot.storage.base import Page, Scope
-from iiot.storage.control import UNSET, AttributeValue, Command, NewCommand
+from iiot.storage.control import UNSET, AttributeValue, Command, NewCommand, in_flight_sql
 
 __all__ = ["SqliteControlStore"]
 
@@ -202,8 +202,10 @@ class SqliteControlStore:
         response: Any = UNSET,
         error: str | None = None,
         add_attempts: int = 0,
+        only_if_next: bool = False,
     ) -> Command | None:
-        """Conditional move with its transition row, in one transaction."""
+        """Conditional move with its transition row, in one transaction (its write lock,
+        taken at BEGIN IMMEDIATE, keeps an `only_if_next` check true until the move)."""
 
         def run() -> Command | None:
             db = self._db()
@@ -214,6 +216,11 @@ class SqliteControlStore:
                     " error = coalesce(?, error), attempts = attempts + ?"
                     f" WHERE id = ? AND status IN ({_marks(len(allowed_from))})"
                     " AND (? IS NULL OR tenant_id = ?) AND (? IS NULL OR device_id = ?)"
+                    " AND (NOT ? OR NOT EXISTS (SELECT 1 FROM commands o"
+                    " WHERE o.device_id = commands.device_id AND o.id <> commands.id"
+                    " AND ((o.status IN ('SENT', 'DELIVERED', 'TIMEOUT')"
+                    f" AND {in_flight_sql('o')}) OR (o.status = 'QUEUED'"
+                    " AND (o.created_at, o.id) < (commands.created_at, commands.id)))))"
                     f" RETURNING {_COLS}",
                     (
                         to,
@@ -229,6 +236,7 @@ class SqliteControlStore:
                         _b(scope),
                         _b(device_id),
                         _b(device_id),
+                        only_if_next,
                     ),
                 ).fetchone()
                 if row is None:
@@ -267,6 +275,17 @@ class SqliteControlStore:
         args = (now, now, _b(scope), _b(scope), limit)
         result: list[Command] = await self._call(self._select, where, args)
         return result
+
+    async def command_in_flight(self, scope: Scope, device_id: UUID) -> Command | None:
+        """The device's oldest command in flight, if any."""
+        where = (
+            "device_id = ? AND status IN ('SENT', 'DELIVERED', 'TIMEOUT')"
+            f" AND {in_flight_sql('commands')} AND (? IS NULL OR tenant_id = ?)"
+            " ORDER BY created_at, id LIMIT 1"
+        )
+        args = (device_id.bytes, _b(scope), _b(scope))
+        found: list[Command] = await self._call(self._select, where, args)
+        return found[0] if found else None
 
     async def queued_devices(self, scope: Scope, before: int, limit: int) -> list[UUID]:
         """Devices with a command QUEUED since before `before`."""
