@@ -286,7 +286,7 @@ class CommandNodes:
                 CommandRequest(method, params, timeout_ms=int(_WAIT_S * 1000)),
                 sender.id if sender else None,
             )
-            command = await services.commands.wait(None, command, _WAIT_S)
+            command = await services.commands.wait(None, command, _WAIT_S, fresh=True)
         except NotFound:
             return ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown)
         except StorageUnavailable:

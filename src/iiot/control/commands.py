@@ -36,8 +36,8 @@ from iiot.control.rules import (
     CommandRequest,
     frees_device,
     settled,
-    settled_data,
 )
+from iiot.control.waiters import Waiters
 from iiot.errors import Conflict, NotFound
 from iiot.links import DeliveryFailed, DeviceLink, DeviceLinks, OutboundCommand
 from iiot.metrics import Metrics
@@ -98,7 +98,7 @@ class CommandService:
         self._distributed = distributed
         self._sequential = sequential
         # Waiting senders by command; each hears the newest status seen on the bus.
-        self._waiters: dict[UUID, set[_Waiter]] = {}
+        self._waiters = Waiters()
         self._device_locks: dict[UUID, asyncio.Lock] = {}
         self._pending_flush: set[UUID] = set()
         self._paused: dict[UUID, float] = {}  # device -> loop time until which not to retry
@@ -178,16 +178,20 @@ class CommandService:
             self._spawn(self._fail_unclaimed(command))
         return command
 
-    async def wait(self, scope: Scope, command: Command, timeout_s: float) -> Command:
+    async def wait(
+        self, scope: Scope, command: Command, timeout_s: float, *, fresh: bool = False
+    ) -> Command:
         """Wait until the command is answered (two-way), delivered (one-way) or final;
-        at the timeout an open lightweight command becomes TIMEOUT."""
+        at the timeout an open lightweight command becomes TIMEOUT.
+
+        `fresh`: `command` is what `send` just returned, with no await since (its events
+        are handled only after the caller's next await), so it need not be read again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        waiter = _Waiter()
-        self._waiters.setdefault(command.id, set()).add(waiter)
-        try:
-            # Events before this waiter existed are not heard: start from the stored state.
-            command = await self._store.control.get_command(scope, command.id)
+        with self._waiters.waiting(command.id) as waiter:
+            if not fresh:
+                # Events before this waiter existed are not heard: start from the store.
+                command = await self._store.control.get_command(scope, command.id)
             while not settled(command):
                 left = deadline - loop.time()
                 if left <= 0:
@@ -197,16 +201,14 @@ class CommandService:
                     await asyncio.wait_for(waiter.event.wait(), min(left, _RECHECK_S))
                     woken = True
                 waiter.event.clear()
-                # Read the stored command when the bus says it is settled, or now and then
-                # in case an event was lost; intermediate states need no read.
-                if not woken or waiter.settled:
+                # A change made here is known as it is; read the stored command when the
+                # bus says another process settled it, or now and then in case an event
+                # was lost. Intermediate states need no read.
+                known = waiter.known() if woken else None
+                if known is not None:
+                    command = known
+                elif not woken or waiter.settled_elsewhere:
                     command = await self._store.control.get_command(scope, command.id)
-        finally:
-            waiters = self._waiters.get(command.id)
-            if waiters is not None:
-                waiters.discard(waiter)
-                if not waiters:
-                    del self._waiters[command.id]
         if not settled(command) and not command.persistent:
             timed_out = await self._move(
                 command, "TIMEOUT", EXPIRABLE, error="no answer within the timeout"
@@ -229,6 +231,18 @@ class CommandService:
     # --- device side ---------------------------------------------------------------------
     async def reply(self, device: Device, command_id: UUID, response: Any) -> None:
         """The device's answer: SUCCESSFUL (a reply also proves delivery)."""
+        # The usual case in one statement: a delivered two-way command of this device (the
+        # store never lets a one-way command become SUCCESSFUL).
+        answered = await self._move_id(
+            command_id,
+            "SUCCESSFUL",
+            ("DELIVERED",),
+            device_id=device.id,
+            response=response,
+            deadline=None,
+        )
+        if answered is not None:
+            return
         try:
             command = await self._store.control.get_command(device.tenant_id, command_id)
         except NotFound:
@@ -420,19 +434,31 @@ class CommandService:
         command: Command,
         to: str,
         allowed_from: tuple[str, ...],
+        **change: Any,
+    ) -> Command | None:
+        return await self._move_id(command.id, to, allowed_from, **change)
+
+    async def _move_id(
+        self,
+        command_id: UUID,
+        to: str,
+        allowed_from: tuple[str, ...],
         *,
+        device_id: UUID | None = None,
         deadline: int | None = None,
         response: Any = UNSET,
         error: str | None = None,
         add_attempts: int = 0,
         only_if_next: bool = False,
     ) -> Command | None:
+        """Move the command if it is in one of `allowed_from` (and of `device_id`)."""
         moved = await self._store.control.transition_command(
             None,
-            command.id,
+            command_id,
             to,
             allowed_from,
             now_ms(),
+            device_id=device_id,
             deadline=deadline,
             response=response,
             error=error,
@@ -445,6 +471,7 @@ class CommandService:
 
     def _announce(self, command: Command) -> None:
         self._metrics.command_transitions.labels(command.status).inc()
+        self._waiters.changed_here(command)
         self._bus.publish(
             RecordEvent(
                 "command", command.status, command.tenant_id, command.device_id, command.rest()
@@ -462,9 +489,7 @@ class CommandService:
                 command_id = UUID(str(event.data["id"]))
             except (KeyError, ValueError):
                 continue
-            for waiter in self._waiters.get(command_id, ()):
-                waiter.settled = waiter.settled or settled_data(event.data)
-                waiter.event.set()
+            self._waiters.heard(command_id, event.data)
             device_id = event.device_id
             wanted = event.kind == "QUEUED" or (
                 self._sequential and frees_device(event.kind, event.data)
@@ -497,13 +522,3 @@ def _only_broker(links: Iterable[DeviceLink]) -> bool:
     (only through an external broker)."""
     proofs = [getattr(link, "confirms_delivery", True) for link in links if link.listens_commands]
     return bool(proofs) and not any(proofs)
-
-
-class _Waiter:
-    """A sender waiting for its command: woken by the bus, told when it is settled."""
-
-    __slots__ = ("event", "settled")
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-        self.settled = False

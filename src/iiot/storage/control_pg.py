@@ -33,6 +33,7 @@ WITH u AS (
         attempts = attempts + $9
     WHERE id = $1 AND status = ANY($2::text[])
       AND ($10::uuid IS NULL OR tenant_id = $10) AND ($11::uuid IS NULL OR device_id = $11)
+      AND NOT (oneway AND $3 = 'SUCCESSFUL')  -- a one-way command has no answer
       -- only_if_next: only the device's oldest QUEUED command, with none in flight. Of two
       -- racing claims the newer one's snapshot sees the older QUEUED (not committed yet) or
       -- SENT, so it is refused: no lock is needed.

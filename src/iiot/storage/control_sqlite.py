@@ -216,6 +216,7 @@ class SqliteControlStore:
                     " error = coalesce(?, error), attempts = attempts + ?"
                     f" WHERE id = ? AND status IN ({_marks(len(allowed_from))})"
                     " AND (? IS NULL OR tenant_id = ?) AND (? IS NULL OR device_id = ?)"
+                    " AND NOT (oneway AND ? = 'SUCCESSFUL')"  # a one-way command has no answer
                     " AND (NOT ? OR NOT EXISTS (SELECT 1 FROM commands o"
                     " WHERE o.device_id = commands.device_id AND o.id <> commands.id"
                     " AND ((o.status IN ('SENT', 'DELIVERED', 'TIMEOUT')"
@@ -236,6 +237,7 @@ class SqliteControlStore:
                         _b(scope),
                         _b(device_id),
                         _b(device_id),
+                        to,
                         only_if_next,
                     ),
                 ).fetchone()

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from iiot.api.deps import Auth, Svc
 from iiot.api.schemas import MANAGEMENT_ERRORS, error_responses
 from iiot.control.rules import MAX_RETRIES, MAX_TIMEOUT_MS, CommandRequest
-from iiot.errors import InvalidRequest
+from iiot.errors import InvalidRequest, NotFound
 from iiot.storage._common import now_ms
 from iiot.storage.control import STATES
 
@@ -90,7 +90,11 @@ async def send_command(
     device_id: UUID, body: CommandIn, principal: Auth, services: Svc
 ) -> JSONResponse:
     """Lightweight: wait for the answer (200) or the timeout (504); persistent: 202."""
-    device = await services.store.get_device(principal.scope, device_id)
+    # The registry's cache (a connected device is in it); storing the command checks again
+    # that the device exists in the scope.
+    device = await services.registry.get(device_id)
+    if principal.scope is not None and device.tenant_id != principal.scope:
+        raise NotFound(f"device {device_id} not found")
     request = CommandRequest(
         method=body.method,
         params=body.params,
@@ -106,7 +110,7 @@ async def send_command(
     # The request holds for every attempt, never past the command's expiry.
     attempts_s = command.timeout_ms * (command.retries + 1) / 1000
     wait_s = max(0.0, min(attempts_s, (command.expires_at - now_ms()) / 1000))
-    command = await services.commands.wait(principal.scope, command, wait_s)
+    command = await services.commands.wait(principal.scope, command, wait_s, fresh=True)
     done = command.status == "SUCCESSFUL" or (command.oneway and command.status == "DELIVERED")
     return JSONResponse(command.rest(), status_code=200 if done else 504)
 
