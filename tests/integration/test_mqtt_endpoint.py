@@ -419,6 +419,30 @@ async def test_persistent_session_keeps_subscriptions_across_a_restart(tmp_path,
         assert await platform.services.store.get_mqtt_session(None, "keeper") is None
 
 
+async def test_v5_clean_start_with_a_session_expiry_keeps_the_new_session(tmp_path, port):
+    # paho's MQTT 5 default: Clean Start 1 on the first connection, 0 on reconnections.
+    env = platform_env(tmp_path, IIOT_MQTT_PORT=str(port))
+    props = {mc.SESSION_EXPIRY: 3600}
+    async with running_platform(env) as platform:
+        [dev] = await create_devices(platform, 1)
+        client = await Raw.open(port)
+        ack = await client.connect(dev.token, client_id="fresh", clean_start=True, properties=props)
+        assert not ack.session_present
+        client.send(mc.encode_subscribe(mc.V5, 1, [(f"devices/{dev.id}/commands/+", 1)]))
+        await client.next()
+        client.close()  # the network drops
+        await client.closed()
+        client = await Raw.open(port)
+        ack = await client.connect(
+            dev.token, client_id="fresh", clean_start=False, properties=props
+        )
+        assert ack.session_present
+        [link] = platform.services.links.links(UUID(dev.id))
+        assert link.listens_commands  # without subscribing again
+        client.close()
+        await client.closed()
+
+
 async def test_gateway_children_get_commands_and_attributes_through_the_gateway(tmp_path, port):
     from tests.integration.test_mqtt_thingsboard import _gateway
 

@@ -289,14 +289,18 @@ class MqttConnection(asyncio.Protocol):
         self.will = packet.will
         expiry = packet.properties.get(mc.SESSION_EXPIRY, 0) if v5 else None
         self.session_expiry = expiry or 0
-        self.persistent = not packet.clean_start and (expiry is None or expiry > 0)
+        # Kept after the connection ends: 3.1.1 clean session 0; v5 a session expiry, also
+        # with Clean Start 1 (which only ends the session there was before).
+        self.persistent = not packet.clean_start if expiry is None else expiry > 0
         present = False
-        if self.persistent:
+        if not packet.clean_start:
             saved = await server.sessions.load(self.client_id, device)
             if saved is not None:
                 self.subscriptions.update(saved)
                 present = True
-        else:
+        if self.persistent and packet.clean_start:
+            await server.sessions.drop(self.client_id, device)  # before this one's saves
+        elif not self.persistent:
             server.track(server.sessions.drop(self.client_id, device))  # not awaited: CONNACK first
         if self.closed:
             return
