@@ -1,4 +1,4 @@
-"""AMQP (RabbitMQ) ingestion and command delivery.
+"""AMQP (RabbitMQ) ingestion (commands to devices: `amqp_commands.py`).
 
 Devices (or gateways) publish telemetry to the durable topic exchange `iiot` with routing key
 `telemetry.{device_id}` and a `token` header. The platform consumes the durable queue

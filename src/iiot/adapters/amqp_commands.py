@@ -32,7 +32,12 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from iiot.adapters.amqp import COMMAND_EXCHANGE  # devices may read it, never write
+from iiot.adapters.amqp_session import (  # devices may read the command exchange, never write
+    COMMAND_EXCHANGE,
+    COMMAND_PREFIX,
+    EXCHANGE,
+    TOKEN_HEADER,
+)
 from iiot.bus import LiveEvent, RecordEvent
 from iiot.errors import IIoTError
 from iiot.links import DeliveryFailed, OutboundCommand
@@ -44,12 +49,9 @@ __all__ = ["REPLY_BINDING", "REPLY_QUEUE", "AmqpCommandChannel", "AmqpLink"]
 
 log = logging.getLogger(__name__)
 
-EXCHANGE = "iiot"  # telemetry and replies: devices write here
-COMMAND_PREFIX = "commands."
 REPLY_PREFIX = "replies."
 REPLY_QUEUE = "replies"
 REPLY_BINDING = "replies.*"
-TOKEN_HEADER = "token"
 _TIMEOUT_S = 10.0
 # After a command came back unroutable, queued commands do not probe the device's queue
 # again for this long (its "I listen" message does at once).

@@ -26,6 +26,7 @@ from iiot.errors import IIoTError
 __all__ = [
     "BINDING_KEY",
     "COMMAND_EXCHANGE",
+    "COMMAND_PREFIX",
     "EXCHANGE",
     "MESSAGE_HEADER",
     "PROTOCOL",
