@@ -384,12 +384,18 @@ async def _amqtt(db_url: str, workdir: Path, connections: int, per: int) -> tupl
     async with Platform(load_settings(env)) as platform:
         services = platform.services
         settings = dataclasses.replace(services.settings, mqtt_port=port)
-        async with EmbeddedBroker(dataclasses.replace(services, settings=settings)):
+        broker = EmbeddedBroker(dataclasses.replace(services, settings=settings))
+        await broker.__aenter__()
+        try:
             devices = await _devices(platform, connections)
             ids = [device_id for device_id, _ in devices]
             return await _timed(
                 db_url, port, list(devices), ids, per, timeout_s=AMQTT_LIMIT_S, complete=False
             )
+        finally:
+            # amqtt's shutdown has hung with messages still in its broadcast queue.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(broker.__aexit__(None, None, None), 10)
 
 
 async def _run(quick: bool) -> dict[str, Any]:

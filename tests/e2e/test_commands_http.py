@@ -153,7 +153,7 @@ async def test_offline_device_and_reconnect(tmp_path: Path, pg_url: str) -> None
         _, device = await _device(api)
         token = device["token"]
         url = f"/api/devices/{device['id']}/commands"
-        # Lightweight to an offline device: fails at once with a clear state.
+        # Lightweight to an offline device: fails soon (1 s) with a clear state.
         offline = await api.client.post(url, json={"method": "ping"}, headers=api.admin)
         assert offline.status_code == 504
         assert offline.json()["status"] == "FAILED" and "not connected" in offline.json()["error"]
@@ -185,6 +185,25 @@ async def test_offline_device_and_reconnect(tmp_path: Path, pg_url: str) -> None
         # An empty poll ends with 408 after its timeout.
         idle = await _poll(api, token, timeout_ms=200)
         assert idle.status_code == 408
+
+
+async def test_a_device_between_two_polls_still_gets_a_lightweight_command(
+    tmp_path: Path,
+) -> None:
+    async with api_platform(tmp_path) as api:
+        _, device = await _device(api)
+        url = f"/api/devices/{device['id']}/commands"
+        # Sent while the device has no poll open; its next poll comes 0.3 s later.
+        sending = asyncio.create_task(
+            api.client.post(url, json={"method": "ping"}, headers=api.admin)
+        )
+        await asyncio.sleep(0.3)
+        received = await _answering_device(api, device["token"], {"pong": True})
+        answer = await sending
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "SUCCESSFUL"
+        assert answer.json()["response"] == {"pong": True}
+        assert received[0]["id"] == answer.json()["id"]
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 _SWEEP_S = 0.5
 _RECHECK_S = 1.0  # waiters re-read the command this often in case an event was lost
 _UNCLAIMED_GRACE_S = 2.0  # split roles: how long a lightweight command may wait for a taker
+_RECONNECT_GRACE_S = 1.0  # one process: the same for a device between polls or reconnecting
 # Several processes: one that can reach the device only through an external broker waits
 # this long before taking a command, so that a process holding a link that proves delivery
 # (an HTTP poll, a CoAP observation...) takes it first: it hears the command in milliseconds.
@@ -170,11 +171,6 @@ class CommandService:
         )
         self._announce(command)
         if not command.persistent and not self._links.connected(device.id):
-            if not self._distributed:
-                failed = await self._move(
-                    command, "FAILED", CLAIMABLE, error="the device is not connected"
-                )
-                return failed or command
             self._spawn(self._fail_unclaimed(command))
         return command
 
@@ -365,8 +361,10 @@ class CommandService:
         return _Outcome.IN_FLIGHT
 
     async def _fail_unclaimed(self, command: Command) -> None:
-        """Split roles: a lightweight command nobody took soon is FAILED, not left waiting."""
-        await asyncio.sleep(_UNCLAIMED_GRACE_S)
+        """A lightweight command for a device not connected here is FAILED unless a link
+        takes it soon: a device between two long polls or reconnecting (or, with split
+        roles, connected to another process) is not offline."""
+        await asyncio.sleep(_UNCLAIMED_GRACE_S if self._distributed else _RECONNECT_GRACE_S)
         if self._sequential:
             busy = await self._store.control.command_in_flight(None, command.device_id)
             if busy is not None:
@@ -375,7 +373,8 @@ class CommandService:
             command,
             "FAILED",
             CLAIMABLE,
-            error="the device is not connected to any platform process",
+            error="the device is not connected"
+            + (" to any platform process" if self._distributed else ""),
         )
 
     # --- timeouts and expiry -------------------------------------------------------------
