@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from iiot.app import Platform  # noqa: E402
 from iiot.config import load_settings  # noqa: E402
-from tests.support import free_port, platform_env  # noqa: E402
+from tests.support import ADMIN_PASSWORD, free_port, platform_env  # noqa: E402
 
 ua: Any = _ua  # asyncua's generated stubs mistype NodeId and DataValue arguments
 
@@ -56,6 +56,16 @@ class _Counter:
         self.arrived.set()
 
 
+def _client(endpoint: str) -> Client:
+    """A client; on the platform it logs in as its administrator (anonymous sessions see
+    no tenant's nodes), on the bare server it stays anonymous."""
+    client = Client(endpoint, timeout=30)
+    if endpoint.endswith("/iiot/"):
+        client.set_user("admin")
+        client.set_password(ADMIN_PASSWORD)
+    return client
+
+
 async def _measure(
     endpoint: str,
     nodes_of: Callable[[Client], Awaitable[list[Any]]],
@@ -63,7 +73,7 @@ async def _measure(
     seconds: float,
 ) -> float:
     """Values per second received while `produce` runs for `seconds`."""
-    async with Client(endpoint, timeout=30) as client:
+    async with _client(endpoint) as client:
         counter = _Counter()
         sub = await client.create_subscription(PUBLISH_MS, counter)
         await sub.subscribe_data_change(await nodes_of(client), queuesize=QUEUE)
@@ -87,7 +97,7 @@ async def _latency(
     samples: int,
 ) -> list[float]:
     """Seconds from submitting a value to the client receiving it, one value at a time."""
-    async with Client(endpoint, timeout=30) as client:
+    async with _client(endpoint) as client:
         counter = _Counter()
         sub = await client.create_subscription(PUBLISH_MS, counter)
         await sub.subscribe_data_change(await node_of(client), queuesize=QUEUE)
