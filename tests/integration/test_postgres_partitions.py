@@ -204,3 +204,14 @@ async def test_processes_starting_at_once_make_each_partition_once(pg_url: str) 
         assert expected <= await _partitions(pg_url)
     finally:
         await asyncio.gather(*(s.__aexit__(None, None, None) for s in stores))
+
+
+async def test_reads_over_many_partitions_are_never_jit_compiled(pg_url: str) -> None:
+    # JIT compiling a short lookup over many partitions cost 8-33 ms of a 0.2 ms query.
+    async with PostgresStore(pg_url, read_url=pg_url) as store:
+
+        async def jit(conn: Any) -> str:
+            return str(await conn.fetchval("SHOW jit"))
+
+        assert await store._run(jit) == "off"
+        assert await store._run(jit, read=True) == "off"

@@ -31,6 +31,7 @@ from iiot.storage.postgres_pool import (
     _RETRY_ONCE,
     _TRANSIENT,
     _UNAVAILABLE,
+    SERVER_SETTINGS,
     _describe,
     _reset_connection,
 )
@@ -111,6 +112,7 @@ class PostgresStore(PostgresTelemetry, PostgresUsers, PostgresDevices, PostgresM
                 timeout=self._connect_timeout,
                 init=_init_connection,
                 reset=_reset_connection,
+                server_settings=SERVER_SETTINGS,
                 # Idle connections are closed so that a failover leaves no stale ones.
                 max_inactive_connection_lifetime=300.0,
             )

@@ -13,7 +13,12 @@ from typing import Any
 import asyncpg
 
 from iiot.errors import StorageUnavailable
-from iiot.storage.postgres_pool import _UNAVAILABLE, _describe, _reset_connection
+from iiot.storage.postgres_pool import (
+    _UNAVAILABLE,
+    SERVER_SETTINGS,
+    _describe,
+    _reset_connection,
+)
 
 __all__ = ["DEFAULT_QUERY_TIMEOUT_S", "open_read_pool", "query_too_long"]
 
@@ -33,6 +38,7 @@ async def open_read_pool(
             reset=_reset_connection,
             max_inactive_connection_lifetime=300.0,
             server_settings={
+                **SERVER_SETTINGS,
                 "statement_timeout": str(max(1, int(timeout_s * 1000))),
                 # A query can never change data, even by mistake (and a replica refuses anyway).
                 "default_transaction_read_only": "on",
