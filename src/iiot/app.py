@@ -34,6 +34,7 @@ from iiot.pipeline import Pipeline, PipelineSettings
 from iiot.presence import Presence
 from iiot.presence_tracker import PresenceTracker
 from iiot.registry import DeviceRegistry
+from iiot.runtime import freeze_started_objects
 from iiot.security import hash_password
 from iiot.services import HealthBoard, Services
 from iiot.storage import open_store
@@ -252,6 +253,7 @@ async def run_platform(settings: Settings, role: RunRole = "all") -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with Platform(settings, role):
+            freeze_started_objects()
             log.info("platform ready (role %s)", role)
             await stop.wait()
             log.info("stopping")

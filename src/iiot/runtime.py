@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-__all__ = ["tune_garbage_collector"]
+__all__ = ["freeze_started_objects", "tune_garbage_collector"]
 
 
 def tune_garbage_collector() -> None:
@@ -22,3 +22,15 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+
+
+def freeze_started_objects() -> None:
+    """Take what the started components built out of every later collection, as
+    `tune_garbage_collector` does for what exists at start.
+
+    The OPC UA server's standard address space is about half a million objects (the nodes
+    asyncua loads at start), made after the process started: left in the collected
+    generations, every full collection walks them all again.
+    """
+    gc.collect()
+    gc.freeze()
