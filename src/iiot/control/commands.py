@@ -23,11 +23,11 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterable
 from typing import Any, Self
 from uuid import UUID
 
 from iiot.bus import LiveBus, RecordEvent
+from iiot.control.link_choice import by_preference, only_broker
 from iiot.control.rules import (
     CANCELABLE,
     CLAIMABLE,
@@ -272,7 +272,7 @@ class CommandService:
             if left > 0:
                 await asyncio.sleep(left)
             self._paused.pop(device_id, None)
-        if self._distributed and _only_broker(self._links.links(device_id)):
+        if self._distributed and only_broker(self._links.links(device_id)):
             await asyncio.sleep(_BROKER_GRACE_S)
         await self._flush_now(device_id)
 
@@ -283,7 +283,7 @@ class CommandService:
             self._pending_flush.discard(device_id)
             failed: set[int] = set()
             while True:
-                links = _by_preference(
+                links = by_preference(
                     link
                     for link in self._links.links(device_id)
                     if link.listens_commands and id(link) not in failed
@@ -505,19 +505,3 @@ class CommandService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("command task failed: %s", task.exception())
-
-
-def _by_preference(links: Iterable[DeviceLink]) -> list[DeviceLink]:
-    """Links that can prove delivery first (an external broker cannot), newest first: the
-    device's latest connection is the one most likely alive."""
-    ordered = list(links)
-    ordered.reverse()
-    ordered.sort(key=lambda link: not getattr(link, "confirms_delivery", True))
-    return ordered
-
-
-def _only_broker(links: Iterable[DeviceLink]) -> bool:
-    """Whether the device listens for commands here, but on no link that can prove delivery
-    (only through an external broker)."""
-    proofs = [getattr(link, "confirms_delivery", True) for link in links if link.listens_commands]
-    return bool(proofs) and not any(proofs)
