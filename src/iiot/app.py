@@ -198,7 +198,7 @@ class Platform:
                 ingestor=ingestor,
                 commands=commands,
                 attributes=attributes,
-                health=HealthBoard(),
+                health=HealthBoard(starting=True),
                 identity=DeviceIdentity(store, bus),
                 presence=presence,
                 links=links,
@@ -209,6 +209,7 @@ class Platform:
                 await self._stack.enter_async_context(component)
                 self.components.append(component)
                 log.info("%s", component.describe())
+            self._services.health.starting = False
         except BaseException:
             await self._stack.aclose()
             raise

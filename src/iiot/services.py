@@ -39,6 +39,9 @@ class HealthBoard:
     """Readiness of every component, reported by the components themselves."""
 
     components: dict[str, Health] = field(default_factory=dict)
+    # True while the platform is still starting its components: readiness waits for all of
+    # them (the API answers before the components started after it have registered).
+    starting: bool = False
 
     def set(self, name: str, state: State, detail: str = "") -> None:
         """Record a component's state."""

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import paho.mqtt.client as mqtt
 
+from tests.e2e.api_helpers import api_platform
 from tests.support import ADMIN_PASSWORD, free_port, platform_env, platform_process, wait_for_port
 
 TS = 1_767_225_600_000
@@ -135,3 +136,16 @@ async def test_api_workers_and_ingest_role_share_one_database(pg_url: str, tmp_p
         api.send_signal(signal.SIGTERM)
         assert api.wait(timeout=60) == 0
     assert not any(_alive(pid) for pid in workers)
+
+
+async def test_not_ready_until_every_component_has_started(tmp_path: Path) -> None:
+    # The API answers while the components after it are still starting: a load balancer
+    # must not send devices to a node whose live bridge or brokers are not up yet.
+    async with api_platform(tmp_path) as api:
+        ready = await api.ok("GET", "/readyz")
+        assert "platform" not in ready["components"]
+        api.platform.services.health.starting = True
+        answer = await api.client.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.json()["components"]["platform"]["state"] == "down"
+        assert "starting" in answer.json()["components"]["platform"]["detail"]

@@ -60,6 +60,11 @@ async def readyz(request: Request) -> JSONResponse:
         components["database"] = {"state": "down", "detail": str(exc)}
     for name, health in sorted(services.health.components.items()):
         components[name] = {"state": health.state, "detail": health.detail}
+    if services.health.starting:
+        components["platform"] = {
+            "state": "down",
+            "detail": "starting: not every component is up yet",
+        }
     ready = all(c["state"] != "down" for c in components.values())
     return JSONResponse(
         {"status": "ready" if ready else "not ready", "components": components},
