@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 from uuid import UUID
 
 from iiot.errors import Conflict
 from iiot.model import Device
 from iiot.storage.base import Scope
-from iiot.storage.sqlite_sql import _transaction
+from iiot.storage.sqlite_sql import SqlitePart, _transaction
 
 __all__ = ["DEVICE_COLS", "SqliteDevices", "device_from_row"]
 
@@ -35,15 +35,8 @@ def device_from_row(row: Any) -> Device:
     )
 
 
-class SqliteDevices:
+class SqliteDevices(SqlitePart):
     """Device methods beyond create/read/update/delete (the store provides `_call`, `_db`)."""
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        raise NotImplementedError
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        raise NotImplementedError
 
     def _device_row(self, scope: Scope, device_id: UUID) -> Device:
         raise NotImplementedError

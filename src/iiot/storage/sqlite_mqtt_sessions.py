@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 from uuid import UUID
 
 from iiot.storage.base import Scope
-from iiot.storage.sqlite_sql import _transaction
+from iiot.storage.sqlite_sql import SqlitePart, _transaction
 
 __all__ = ["SqliteMqttSessions"]
 
@@ -20,15 +18,8 @@ T = TypeVar("T")
 _SCOPED = "d.id = s.device_id AND (? IS NULL OR d.tenant_id = ?)"
 
 
-class SqliteMqttSessions:
+class SqliteMqttSessions(SqlitePart):
     """Subscriptions of persistent MQTT sessions, by client id."""
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        raise NotImplementedError
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        raise NotImplementedError
 
     async def get_mqtt_session(
         self, scope: Scope, client_id: str

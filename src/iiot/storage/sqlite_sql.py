@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 from uuid import UUID
+
+T = TypeVar("T")
 
 # SQLite allows 32766 host parameters per statement; stay far below it.
 _CHUNK = 500
@@ -37,3 +40,18 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+class SqlitePart:
+    """A part of `SqliteStore` in a module of its own (a mixin): what it uses of the store,
+    which provides these."""
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def _read_call(self, fn: Callable[..., T], *args: Any) -> T:
+        raise NotImplementedError
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        raise NotImplementedError

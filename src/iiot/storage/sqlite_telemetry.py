@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
@@ -20,7 +19,7 @@ from iiot.storage import _common
 from iiot.storage.base import Scope, TelemetryQuery
 from iiot.storage.read_limits import check_response_size
 from iiot.storage.sqlite_purge import finish_purge, purge_chunk, queued_purges
-from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, _placeholders, _transaction
+from iiot.storage.sqlite_sql import _CHUNK, _VALUE_COLS, SqlitePart, _placeholders, _transaction
 
 __all__ = ["SqliteTelemetry"]
 
@@ -64,18 +63,8 @@ def _forget(tasks: list[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], N
     return forget
 
 
-class SqliteTelemetry:
+class SqliteTelemetry(SqlitePart):
     """The telemetry methods of `SqliteStore` (a mixin: the store provides `_call`, `_db`)."""
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        raise NotImplementedError
-
-    async def _read_call(self, fn: Callable[..., T], *args: Any) -> T:
-        raise NotImplementedError
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        raise NotImplementedError
 
     # --- purges of deleted devices (sqlite_purge) ---------------------------------------
     _background: list[asyncio.Task[None]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
@@ -11,7 +10,7 @@ from iiot.errors import Conflict, NotFound
 from iiot.model import Role, User
 from iiot.storage import _common
 from iiot.storage.base import Page, Scope
-from iiot.storage.sqlite_sql import _blob, _transaction, _uuid
+from iiot.storage.sqlite_sql import SqlitePart, _blob, _transaction, _uuid
 
 __all__ = ["SqliteUsers"]
 
@@ -32,18 +31,8 @@ def _user(row: Any) -> User:
     )
 
 
-class SqliteUsers:
+class SqliteUsers(SqlitePart):
     """The user methods of `SqliteStore`."""
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        raise NotImplementedError
-
-    async def _read_call(self, fn: Callable[..., T], *args: Any) -> T:
-        raise NotImplementedError
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        raise NotImplementedError
 
     # --- users -------------------------------------------------------------------------
     async def create_user(
