@@ -167,22 +167,8 @@ class PipelineCommit:
         self._metrics.queue_points.set(self._queued_points)
 
     def _finish(self, batch: list[_Entry], points: int, error: BaseException | None) -> None:
-        per_protocol: dict[str, int] = {}
-        for entry in batch:
-            future = entry.future
-            if error is None:
-                per_protocol[entry.protocol] = per_protocol.get(entry.protocol, 0) + len(
-                    entry.item.points
-                )
-            if not future.done():
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
-        for protocol, count in per_protocol.items():
-            self._stored_counter(protocol).inc(count)
-        self._freed(points)
-        self._metrics.queue_points.set(self._queued_points)
+        """Tell every sender of a batch its one outcome."""
+        self._finish_each(batch, points, [error] * len(batch))
 
     def _stored_counter(self, protocol: str) -> Any:
         child = self._stored.get(protocol)
