@@ -69,14 +69,6 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _Everyone:
-    """Contains every tenant: used while the webhooks' tenants are not known."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-
-_EVERYONE = _Everyone()
 # The live bus topic saying a webhook was made or deleted (in any process).
 WEBHOOK_TOPIC: Final = "webhook"
 # How often the tenants with a command.completed webhook are read again, and at most how
@@ -135,8 +127,9 @@ class WebhookSender:
     def _on_alarm(self, event: RecordEvent) -> None:
         self._wake.set()
 
-    async def _command_hook_tenants_now(self) -> set[UUID] | _Everyone:
-        """Tenants with a webhook for command.completed, read again at most every
+    async def _wants_command_events(self, tenant_id: UUID) -> bool:
+        """Whether the tenant has a webhook for command.completed; the webhooks are read
+        again at most every
         `_HOOKS_REREAD_S` (a webhook made in another process counts from then on)."""
         now = asyncio.get_running_loop().time()
         if now - self._command_hooks_read_at >= _HOOKS_REREAD_S:
@@ -151,7 +144,8 @@ class WebhookSender:
                     if page.total > len(page.items)
                     else {w.tenant_id for w in page.items if "command.completed" in w.events}
                 )
-        return _EVERYONE if self._command_hook_tenants is None else self._command_hook_tenants
+        tenants = self._command_hook_tenants
+        return tenants is None or tenant_id in tenants  # None: not known, so every tenant
 
     async def _follow_commands(self) -> None:
         """Queue `command.completed` for commands that reached a final state."""
@@ -167,7 +161,7 @@ class WebhookSender:
                 continue
             if event.kind.upper() not in COMMAND_DONE:
                 continue
-            if event.tenant_id not in await self._command_hook_tenants_now():
+            if not await self._wants_command_events(event.tenant_id):
                 continue  # no statement per command for tenants without such a webhook
             command_id = str(event.data.get("id", ""))
             event_id = f"command.completed:{command_id}"  # once, whichever process saw it
