@@ -129,8 +129,7 @@ class WebhookSender:
 
     async def _wants_command_events(self, tenant_id: UUID) -> bool:
         """Whether the tenant has a webhook for command.completed; the webhooks are read
-        again at most every
-        `_HOOKS_REREAD_S` (a webhook made in another process counts from then on)."""
+        again at most every `_HOOKS_REREAD_S` (one made in another process counts then)."""
         now = asyncio.get_running_loop().time()
         if now - self._command_hooks_read_at >= _HOOKS_REREAD_S:
             self._command_hooks_read_at = now
