@@ -22,6 +22,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
 
 from iiot.bus import DeviceEvent, LiveEvent
@@ -131,22 +132,24 @@ class ChangeFeed:
     async def _poll_sqlite(self, connected: Callable[[], None]) -> None:
         path = sqlite_path(self._url)
         assert path is not None
-        conn = await asyncio.to_thread(_connect_sqlite, path)
+        # One thread owns the connection: a cancelled poll leaves its call running there,
+        # and closing the connection from elsewhere meanwhile crashed the process (SIGSEGV).
+        # The close is queued behind that call instead.
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="changefeed")
+        loop = asyncio.get_running_loop()
+        conn = await loop.run_in_executor(thread, _connect_sqlite, path)
         try:
-            row = await asyncio.to_thread(
-                lambda: conn.execute("SELECT coalesce(max(seq), 0) FROM live_changes").fetchone()
-            )
-            last = int(row[0])
+            last = await loop.run_in_executor(thread, _last_seq, conn)
             connected()
             while True:
                 await asyncio.sleep(POLL_INTERVAL_S)
-                rows = await asyncio.to_thread(_rows_after, conn, last)
+                rows = await loop.run_in_executor(thread, _rows_after, conn, last)
                 for seq, payload in rows:
                     last = seq
                     self._apply(payload)
         finally:
-            with contextlib.suppress(Exception):
-                conn.close()
+            thread.submit(conn.close)
+            thread.shutdown(wait=False)
 
     async def _listen_postgres(self, connected: Callable[[], None]) -> None:
         import asyncpg
@@ -167,6 +170,11 @@ def _connect_sqlite(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=5, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA query_only = ON")
     return conn
+
+
+def _last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT coalesce(max(seq), 0) FROM live_changes").fetchone()
+    return int(row[0])
 
 
 def _rows_after(conn: sqlite3.Connection, last: int) -> list[tuple[int, str]]:
