@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 from contextlib import AsyncExitStack
 from typing import Literal, Self
@@ -35,7 +34,7 @@ from iiot.presence import Presence
 from iiot.presence_tracker import PresenceTracker
 from iiot.registry import DeviceRegistry
 from iiot.runtime import freeze_started_objects
-from iiot.security import hash_password
+from iiot.security import hash_password, random_secret
 from iiot.services import HealthBoard, Services
 from iiot.storage import open_store
 from iiot.storage.alarm_base import alarm_store_for
@@ -223,7 +222,7 @@ async def ensure_admin(store: Store, settings: Settings) -> None:
     """Create the first system administrator when no user exists yet."""
     if await store.count_users() > 0:
         return
-    password = settings.admin_password or secrets.token_urlsafe(18)
+    password = settings.admin_password or random_secret(18)
     try:
         await store.create_user(
             None,

@@ -68,9 +68,17 @@ def is_disabled_hash(password_hash: str) -> bool:
     return password_hash.startswith(DISABLED_MARK)
 
 
+def random_secret(nbytes: int) -> str:
+    """URL-safe random text of `nbytes` random bytes that never starts with `-`, so it can
+    follow an option on any command line (`mosquitto_pub -u`, `uals --password`)."""
+    while (text := secrets.token_urlsafe(nbytes)).startswith("-"):
+        pass
+    return text
+
+
 def new_device_token() -> str:
     """A random device access token of 192 bits, URL-safe."""
-    return secrets.token_urlsafe(24)
+    return random_secret(24)
 
 
 def hash_token(token: str) -> str:

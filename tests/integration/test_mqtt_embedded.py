@@ -13,6 +13,7 @@ import pytest
 
 from tests.integration.test_mqtt_support import (
     BASE_TS,
+    close_client,
     connect,
     create_devices,
     mosquitto_pub_lines,
@@ -68,8 +69,7 @@ async def test_puback_means_stored_and_qos0_is_stored(tmp_path, mqtt_port):
                 await asyncio.sleep(0.05)
             assert latest["pressure"].ts == BASE_TS + 8
         finally:
-            client.disconnect()
-            client.loop_stop()
+            await close_client(client)
 
 
 async def test_wrong_password_is_refused_and_counted(tmp_path, mqtt_port):
@@ -115,8 +115,7 @@ async def test_other_devices_topic_is_refused_and_nothing_stored(tmp_path, mqtt_
                 client.publish(f"devices/{victim.id}/telemetry", payload(1), qos=1)
                 assert await asyncio.to_thread(dropped.wait, 10)
         finally:
-            client.disconnect()
-            client.loop_stop()
+            await close_client(client)
         store = platform.services.store
         assert await store.latest(None, UUID(victim.id)) == {}
         assert (await store.latest(None, UUID(dev.id)))["pressure"].ts == BASE_TS + 2

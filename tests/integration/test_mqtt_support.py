@@ -94,6 +94,13 @@ def connect(
     return client
 
 
+async def close_client(client: paho.Client) -> None:
+    """Disconnect and stop paho's network thread off the event loop: the platform under test
+    may run on this loop, and paho's thread may be waiting on it to answer before it ends."""
+    client.disconnect()
+    await asyncio.to_thread(client.loop_stop)
+
+
 def publish_all(
     port: int, devices: Sequence[Dev], per_device: int, qos: int = 1, timeout_s: float = 120.0
 ) -> None:

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import stat
+import string
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+import iiot.security
 from iiot.errors import AuthenticationError, ConfigError
 from iiot.model import Role
 from iiot.security import (
@@ -228,3 +230,17 @@ def test_throttle_memory_is_bounded_but_keeps_addresses() -> None:
     assert len(throttle._failures) <= 101
     with pytest.raises(TooManyAttempts, match="address"):
         throttle.check("someone", "attacker")
+
+
+def test_generated_secrets_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One in 64 random texts starts with "-", which a command line then takes for an option
+    # (`uals --password -x...` failed the README's OPC UA block now and then).
+    drawn = iter(["-starts-with-a-dash", "fine-text"])
+    monkeypatch.setattr(iiot.security.secrets, "token_urlsafe", lambda nbytes: next(drawn))
+    assert iiot.security.random_secret(18) == "fine-text"
+
+
+def test_device_tokens_are_long_url_safe_and_never_start_with_a_dash() -> None:
+    tokens = [iiot.security.new_device_token() for _ in range(500)]
+    assert all(len(t) == 32 and not t.startswith("-") for t in tokens)
+    assert all(set(t) <= set(string.ascii_letters + string.digits + "-_") for t in tokens)
