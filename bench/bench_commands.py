@@ -8,7 +8,10 @@ a throwaway PostgreSQL database. Devices answer commands three ways:
 - the HTTP long poll (`GET /api/v1/{token}/rpc`, httpx);
 - paho on a private Mosquitto (the external-broker path, `IIOT_MQTT_URL`), when installed.
 Ingest load comes from raw-socket MQTT publisher processes (bench_mqtt_endpoint's load
-generator), so the commands' client work does not share their CPU.
+generator), so the commands' client work does not share their CPU. The REST calls and the
+long polls of the timed phases go through a lean keep-alive client (`bench.rest_client`):
+httpx cost ~3 ms of this process's CPU per command, on the cores the platform is measured
+on. Each timed phase starts once the platform is idle after the set-up (`settled`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import httpx
 from bench.bench_mqtt_endpoint import PROCESSES, _reset, _run_load, _wait_rows
 from bench.figures import throughput
 from bench.pg import temporary_database
-from bench.profiles import free_port, platform_ports
+from bench.profiles import free_port, platform_ports, settled
+from bench.rest_client import RestConnections
 
 ANSWERING_DEVICES = 20  # per device-side form
 ADMIN_PASSWORD = "bench-admin-password"
@@ -83,37 +87,40 @@ async def _answering(client: httpx.AsyncClient, token: str, stop: asyncio.Event)
 
 
 async def _round_trips(
-    client: httpx.AsyncClient,
+    http_port: int,
     admin: dict[str, str],
     devices: list[dict[str, Any]],
     until: asyncio.Future[Any] | float,
 ) -> list[float]:
     """Two-way commands at RATE/s, round robin over the devices, for `until` seconds or
-    until the future is done; the latencies (ms) of those answered 200."""
+    until the future is done; the latencies (ms) of those answered 200. Sent with the lean
+    client (`bench.rest_client`): this process shares the cores with the platform."""
     latencies: list[float] = []
     refused: dict[int, int] = {}
     tasks = []
+    rest = RestConnections("127.0.0.1", http_port, admin)
 
     async def one(device: dict[str, Any]) -> None:
         start = time.perf_counter()
-        answer = await client.post(
-            f"/api/devices/{device['id']}/commands", json={"method": "ping"}, headers=admin
-        )
-        if answer.status_code == 200:
+        status, _ = await rest.post(f"/api/devices/{device['id']}/commands", {"method": "ping"})
+        if status == 200:
             latencies.append((time.perf_counter() - start) * 1000)
         else:
-            refused[answer.status_code] = refused.get(answer.status_code, 0) + 1
+            refused[status] = refused.get(status, 0) + 1
 
     started = time.perf_counter()
-    for i in range(10**9):
-        if isinstance(until, float) and time.perf_counter() - started >= until:
-            break
-        if isinstance(until, asyncio.Future) and until.done():
-            break
-        tasks.append(asyncio.create_task(one(devices[i % len(devices)])))
-        # Paced from the start, so a slow answer does not lower the rate.
-        await asyncio.sleep(max(0.0, started + (i + 1) / RATE - time.perf_counter()))
-    await asyncio.gather(*tasks)
+    try:
+        for i in range(10**9):
+            if isinstance(until, float) and time.perf_counter() - started >= until:
+                break
+            if isinstance(until, asyncio.Future) and until.done():
+                break
+            tasks.append(asyncio.create_task(one(devices[i % len(devices)])))
+            # Paced from the start, so a slow answer does not lower the rate.
+            await asyncio.sleep(max(0.0, started + (i + 1) / RATE - time.perf_counter()))
+        await asyncio.gather(*tasks)
+    finally:
+        await rest.close()
     print(f"{len(latencies)} answered 200, others: {refused}", file=sys.stderr)
     return latencies
 
@@ -193,12 +200,12 @@ async def _ingest_with_commands(
     mqtt_port: int,
     publishers: list[dict[str, Any]],
     per: int,
-    client: httpx.AsyncClient,
+    http_port: int,
     admin: dict[str, str],
     answering: list[dict[str, Any]],
 ) -> tuple[float, list[float]]:
     ingest = asyncio.ensure_future(_ingest(db_url, mqtt_port, publishers, per))
-    latencies = await _round_trips(client, admin, answering, ingest)
+    latencies = await _round_trips(http_port, admin, answering, ingest)
     return await ingest, latencies
 
 
@@ -242,8 +249,8 @@ async def _run(quick: bool) -> dict[str, Any]:
                     _paho_devices, mqtt_port, mqtt_devices, logins=True
                 )
                 try:
-                    await asyncio.sleep(0.5)
-                    embedded = await _round_trips(client, admin, mqtt_devices, seconds)
+                    await settled(proc.pid)
+                    embedded = await _round_trips(http_port, admin, mqtt_devices, seconds)
                     # Ingest without and with commands flowing, alternated, best of each.
                     without: list[float] = []
                     with_commands: list[float] = []
@@ -251,7 +258,7 @@ async def _run(quick: bool) -> dict[str, Any]:
                     for _ in range(1 if quick else 2):
                         without.append(await _ingest(url, mqtt_port, publishers, per))
                         rate, latencies = await _ingest_with_commands(
-                            url, mqtt_port, publishers, per, client, admin, mqtt_devices
+                            url, mqtt_port, publishers, per, http_port, admin, mqtt_devices
                         )
                         with_commands.append(rate)
                         under_load += latencies
@@ -263,7 +270,7 @@ async def _run(quick: bool) -> dict[str, Any]:
                     asyncio.create_task(_answering(client, d["token"], stop)) for d in http_devices
                 ]
                 await asyncio.sleep(0.5)
-                long_poll = await _round_trips(client, admin, http_devices, seconds)
+                long_poll = await _round_trips(http_port, admin, http_devices, seconds)
                 stop.set()
                 await asyncio.gather(*pollers)
 
@@ -279,15 +286,18 @@ async def _run(quick: bool) -> dict[str, Any]:
                         )
 
                 await asyncio.gather(*(queue(d) for d in offline))
+                # Each device on its own connection, as devices are.
+                pollers = [RestConnections("127.0.0.1", http_port, {}) for _ in offline]
                 start = time.perf_counter()
                 polls = await asyncio.gather(
                     *(
-                        client.get(f"/api/v1/{d['token']}/rpc", params={"timeout": 30_000})
-                        for d in offline
+                        rest.get(f"/api/v1/{d['token']}/rpc?timeout=30000")
+                        for rest, d in zip(pollers, offline, strict=True)
                     )
                 )
                 drained_s = time.perf_counter() - start
-                delivered = sum(1 for p in polls if p.status_code == 200)
+                delivered = sum(1 for status, _ in polls if status == 200)
+                await asyncio.gather(*(rest.close() for rest in pollers))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -355,8 +365,9 @@ async def _external_broker(
                 _paho_devices, broker.port, mqtt_devices, logins=False
             )
             await asyncio.sleep(1.0)  # the platform's broker session is up
+            await settled(proc.pid)
             try:
-                return await _round_trips(client, admin, mqtt_devices, seconds)
+                return await _round_trips(http_port, admin, mqtt_devices, seconds)
             finally:
                 await asyncio.to_thread(_stop_paho, clients)
     finally:

@@ -170,3 +170,23 @@ async def drain_rate(db_url: str, expected: int, timeout_s: float = 180) -> floa
         return (rows - first[1]) / elapsed
     finally:
         await conn.close()
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def settled(pid: int, busy_below: float = 0.1, timeout_s: float = 60.0) -> None:
+    """Wait until the process uses less than `busy_below` of a core over half a second:
+    work set off by the set-up (e.g. OPC UA nodes for a thousand new devices) is done, so
+    a timed phase measures the steady state."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = process_cpu_s(pid)
+        await asyncio.sleep(0.5)
+        if (process_cpu_s(pid) - before) / 0.5 < busy_below:
+            return

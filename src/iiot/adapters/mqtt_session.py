@@ -20,7 +20,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import mqtt5
 
@@ -170,8 +170,8 @@ class MqttSession(asyncio.Protocol):
 
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance).
+        self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(f"connection lost: {exc}" if exc else "connection closed by the broker")
