@@ -1,10 +1,11 @@
 """One device connection to the platform's MQTT endpoint (an asyncio protocol).
 
-Per connection: the CONNECT handshake, keep-alive (1.5x), the order of PUBACKs (one per
-QoS 1 PUBLISH, in arrival order, each sent once what it asked for is done: telemetry
-committed), the in-flight window (reading pauses while it is full, so a fast device waits
-for the pipeline instead of being buffered), subscriptions and the platform's own QoS 1
-publishes to the device (commands, attributes) with their PUBACK futures.
+Per connection: the CONNECT handshake (its login and CONNACK in `mqtt_login`), keep-alive
+(1.5x), the order of PUBACKs (one per QoS 1 PUBLISH, in arrival order, each sent once what
+it asked for is done: telemetry committed), the in-flight window (reading pauses while it
+is full, so a fast device waits for the pipeline instead of being buffered), subscriptions
+and the platform's own QoS 1 publishes to the device (commands, attributes) with their
+PUBACK futures.
 
 Refusals: a malformed or oversize packet closes the connection (v5: DISCONNECT with the
 reason first); a topic the device may not use is answered with reason 0x87 in v5 and by
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import deque
-from typing import TYPE_CHECKING, Any
-from uuid import uuid4
+from typing import TYPE_CHECKING, Any, cast
 
 from iiot.adapters import mqtt_codec as mc
+from iiot.adapters.mqtt_login import MqttLogin
 from iiot.adapters.mqtt_topics import TELEMETRY, Route, may_subscribe, route, topic_matches
-from iiot.errors import AuthenticationError, DeviceDisabled, InvalidPayload, StorageUnavailable
+from iiot.errors import DeviceDisabled, InvalidPayload, StorageUnavailable
 from iiot.links import DeliveryFailed
 from iiot.model import Device
 
@@ -56,8 +56,8 @@ class _Ack:
         self.code: int | None = None
 
 
-class MqttConnection(asyncio.Protocol):
-    """The server side of one MQTT connection."""
+class MqttConnection(MqttLogin, asyncio.Protocol):
+    """The server side of one MQTT connection (its CONNECT handshake: `MqttLogin`)."""
 
     def __init__(self, server: MqttServer) -> None:
         self.server = server
@@ -90,8 +90,8 @@ class MqttConnection(asyncio.Protocol):
 
     # --- asyncio protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._timer = self.loop.call_later(_CONNECT_TIMEOUT_S, self._connect_timeout)
@@ -221,131 +221,6 @@ class MqttConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-    # --- CONNECT -------------------------------------------------------------------------
-    def _on_connect(self, packet: mc.Connect) -> None:
-        if packet.level not in (mc.V311, mc.V5):
-            # A level this endpoint does not speak: answer in a form that client can read.
-            old = packet.level < mc.V311
-            self.write(mc.encode_connack(mc.V311 if old else mc.V5, 0x01 if old else 0x84))
-            self.refuse("protocol_version", f"protocol level {packet.level} refused", None)
-            return
-        self.version = packet.level
-        if packet.level == mc.V311 and packet.protocol_name != "MQTT":
-            self.refuse("protocol_error", "protocol name is not MQTT", None)
-            return
-        self.client_id = packet.client_id
-        self._held = []
-        if self.transport is not None:  # nothing more is read until the login is decided
-            self.transport.pause_reading()
-        task = asyncio.ensure_future(self._login(packet))
-        self._track(task)
-
-    async def _login(self, packet: mc.Connect) -> None:
-        v5 = self.version == mc.V5
-        server = self.server
-        if not server.admit(self):
-            self._connack(0x97 if v5 else 0x03)  # quota exceeded / server unavailable
-            self.refuse("too_many_connections", "connection limit reached", None)
-            return
-        if not packet.client_id and not v5 and not packet.clean_start:
-            self._connack(0x02)  # identifier rejected: a session needs a name
-            self.refuse("login", "empty client id with a persistent session", None)
-            return
-        if mc.AUTH_METHOD in packet.properties:
-            self._connack(0x8C)  # bad authentication method
-            self.refuse("login", "enhanced authentication is not offered", None)
-            return
-        try:
-            device = await server.authenticate(packet, self._certificate())
-        except AuthenticationError as exc:
-            bad_credentials = packet.username is None and self._certificate() is None
-            code = (
-                (0x86 if bad_credentials else 0x87) if v5 else (0x04 if bad_credentials else 0x05)
-            )
-            self._connack(code)
-            server.login_refused(f"{self._who()}: login refused ({exc}); connection closed")
-            self.close()
-            return
-        except StorageUnavailable as exc:
-            self._connack(0x88 if v5 else 0x03)
-            self.refuse("storage_unavailable", f"login not checked: {exc}", None)
-            return
-        if self.closed:
-            return
-        assigned = None
-        if not packet.client_id:
-            assigned = f"iiot-{uuid4().hex}"
-            self.client_id = assigned
-        if not server.take_over(self, device, packet.clean_start):
-            self._connack(0x85 if v5 else 0x02)  # client identifier not valid / rejected
-            self.refuse(
-                "client_id_taken",
-                f"client id {self.client_id!r} is in use by another device",
-                None,
-            )
-            return
-        self.device = device
-        self.will = packet.will
-        expiry = packet.properties.get(mc.SESSION_EXPIRY, 0) if v5 else None
-        self.session_expiry = expiry or 0
-        # Kept after the connection ends: 3.1.1 clean session 0; v5 a session expiry, also
-        # with Clean Start 1 (which only ends the session there was before).
-        self.persistent = not packet.clean_start if expiry is None else expiry > 0
-        present = False
-        if not packet.clean_start:
-            saved = await server.sessions.load(self.client_id, device)
-            if saved is not None:
-                self.subscriptions.update(saved)
-                present = True
-        if self.persistent and packet.clean_start:
-            await server.sessions.drop(self.client_id, device)  # before this one's saves
-        elif not self.persistent:
-            server.track(server.sessions.drop(self.client_id, device))  # not awaited: CONNACK first
-        if self.closed:
-            return
-        props: mc.Properties = {}
-        if v5:
-            props = {
-                mc.MAXIMUM_QOS: 1,
-                mc.RETAIN_AVAILABLE: 0,
-                mc.RECEIVE_MAXIMUM: self.window,
-                mc.MAXIMUM_PACKET_SIZE: server.max_packet_size,
-                mc.TOPIC_ALIAS_MAXIMUM: 0,
-                mc.WILDCARD_AVAILABLE: 1,
-                mc.SUB_IDS_AVAILABLE: 0,
-                mc.SHARED_AVAILABLE: 0,
-            }
-            if assigned:
-                props[mc.ASSIGNED_CLIENT_ID] = assigned
-            client_max = packet.properties.get(mc.RECEIVE_MAXIMUM)
-            if client_max:
-                self.extra["client_receive_max"] = client_max
-        self._connack(0, present, props)
-        self._keepalive = packet.keepalive * 1.5
-        self._schedule_keepalive()
-        server.connected(self)
-        held, self._held = self._held or [], None
-        for queued in held:
-            if self.closed:
-                return
-            self._handle(queued)
-        if self.transport is not None and not self._reading_paused and not self.closed:
-            self.transport.resume_reading()
-
-    def _connack(
-        self, code: int, present: bool = False, props: mc.Properties | None = None
-    ) -> None:
-        self.write(mc.encode_connack(self.version, code, present, props))
-
-    def _certificate(self) -> bytes | None:
-        if self.transport is None:
-            return None
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        if not isinstance(ssl_object, ssl.SSLObject):
-            return None
-        der = ssl_object.getpeercert(binary_form=True)
-        return der or None
 
     # --- keep-alive ----------------------------------------------------------------------
     def _connect_timeout(self) -> None:

@@ -4,7 +4,8 @@
 The listener (and a TLS one on `IIOT_MQTTS_PORT` when `IIOT_TLS_CERT`/`IIOT_TLS_KEY` are
 set), logins checked through the device registry, client-id takeover, persistent sessions,
 the device links and the limits shared by every connection. The per-connection protocol is
-`mqtt_connection`, the topics `mqtt_topics`, what they do `mqtt_actions`, wills `mqtt_wills`.
+`mqtt_connection` (its CONNECT handshake `mqtt_login`), the topics `mqtt_topics`, what they
+do `mqtt_actions`, wills `mqtt_wills`.
 """
 
 from __future__ import annotations
