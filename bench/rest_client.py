@@ -65,6 +65,13 @@ class RestConnections:
             return int(status_line.split()[1]), answer
         raise AssertionError("unreachable")
 
+    async def warm(self, connections: int) -> None:
+        """Open connections ahead, as a long-running client has them."""
+        opened = await asyncio.gather(
+            *(asyncio.open_connection(self._host, self._port) for _ in range(connections))
+        )
+        self._idle.extend(opened)
+
     async def close(self) -> None:
         """Close every idle connection."""
         for _, writer in self._idle:
