@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/iiot run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest --cov --cov-report=term:skip-covered -p no:cacheprovider
+	$(BIN)/python -m pytest --cov --cov-report=term:skip-covered -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
