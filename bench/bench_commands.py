@@ -10,8 +10,9 @@ a throwaway PostgreSQL database. Devices answer commands three ways:
 Ingest load comes from raw-socket MQTT publisher processes (bench_mqtt_endpoint's load
 generator), so the commands' client work does not share their CPU. The REST calls and the
 long polls of the timed phases go through a lean keep-alive client (`bench.rest_client`):
-httpx cost ~3 ms of this process's CPU per command, on the cores the platform is measured
-on. Each timed phase starts once the platform is idle after the set-up (`settled`).
+with httpx this process spent ~3 ms of CPU per command (0.8-1 ms now), on the cores the
+platform is measured on. Each timed phase starts once the platform is idle after the
+set-up (`settled`).
 """
 
 from __future__ import annotations
