@@ -229,7 +229,8 @@ class Pipeline(PipelineCommit):
             try:
                 if remaining <= 0:
                     raise TimeoutError
-                await asyncio.wait_for(self._space.wait(), remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: see cancel_and_wait
+                    await self._space.wait()
             except TimeoutError:
                 raise StorageUnavailable(
                     "ingest queue is full: storage is not keeping up, retry later"
@@ -327,7 +328,8 @@ class Pipeline(PipelineCommit):
                     break
                 self._work.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), remaining)
+                    async with asyncio.timeout(remaining):  # not wait_for: see cancel_and_wait
+                        await self._work.wait()
         self._wake_at = max_points  # writing: wake another writer for a full batch only
         batch: list[_Entry] = []
         items: list[DevicePoints] = []

@@ -76,9 +76,17 @@ async def supervise(
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a component's background task and wait until it has stopped."""
+    """Cancel a component's background task and wait until it has stopped.
+
+    Python 3.11's `asyncio.wait_for` swallows a cancellation that lands just as the awaited
+    thing completes (fixed in 3.12), and the task then runs on: a platform stopping in the
+    test suite waited for its alarm engine for ever. Loops use `asyncio.timeout` instead;
+    this also cancels again until the task has stopped.
+    """
     if task is None:
         return
-    task.cancel()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -125,7 +125,8 @@ class AmqpAdapter(AmqpMessages):
             self._fast_idle.clear()
             with contextlib.suppress(TimeoutError):
                 timeout = self._services.settings.commit_timeout_s + 5.0
-                await asyncio.wait_for(self._fast_idle.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see cancel_and_wait
+                    await self._fast_idle.wait()
         if self._inflight:
             # Let messages being ingested commit and be acknowledged.
             timeout = self._services.settings.commit_timeout_s + 5.0

@@ -222,7 +222,8 @@ class AmqpCommandChannel:
                 for device_id in devices:
                     await self._probe(device_id)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), _REPROBE_S)
+                async with asyncio.timeout(_REPROBE_S):  # not wait_for: see cancel_and_wait
+                    await self._connected.wait()
             self._connected.clear()
 
     # --- publishing ------------------------------------------------------------------------

@@ -194,7 +194,8 @@ class CoapControl:
         try:
             while not link.ended.is_set() and self._is_open():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(link.ended.wait(), _OPEN_CHECK_S)
+                    async with asyncio.timeout(_OPEN_CHECK_S):  # not wait_for: cancel_and_wait
+                        await link.ended.wait()
         finally:
             links.detach(device.id, link)
             if not link.ended.is_set():

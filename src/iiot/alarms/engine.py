@@ -25,6 +25,7 @@ from iiot.bus import DeviceEvent, LiveEvent, RecordEvent, TelemetryEvent
 from iiot.errors import IIoTError, NotFound
 from iiot.model import Device, DevicePoints
 from iiot.services import Services
+from iiot.supervisor import cancel_and_wait
 
 __all__ = ["AlarmEngine"]
 
@@ -91,11 +92,8 @@ class AlarmEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         """Stop evaluating."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._queue is not None:
             self._services.bus.unsubscribe(self._queue)
             self._queue = None
@@ -136,7 +134,8 @@ class AlarmEngine:
             timeout = max(0.0, next_tick - time.monotonic())
             event: LiveEvent | None = None
             with contextlib.suppress(TimeoutError):
-                event = await asyncio.wait_for(self._queue.get(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see cancel_and_wait
+                    event = await self._queue.get()
             try:
                 if event is not None:
                     await self._handle(event)

@@ -192,7 +192,8 @@ class WebhookSender:
                 if due is not None:
                     wait = min(wait, max(0.0, (due - _now_ms()) / 1000))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):  # not wait_for: see cancel_and_wait
+                    await self._wake.wait()
 
     async def _deliver(self, item: OutboxItem) -> None:
         assert self._client is not None

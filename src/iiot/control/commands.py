@@ -194,7 +194,8 @@ class CommandService:
                     break
                 woken = False
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.event.wait(), min(left, _RECHECK_S))
+                    async with asyncio.timeout(min(left, _RECHECK_S)):  # not wait_for (3.11)
+                        await waiter.event.wait()
                     woken = True
                 waiter.event.clear()
                 # A change made here is known as it is; read the stored command when the

@@ -108,7 +108,8 @@ async def _poll(request: Request, device: Device, link: HttpPollLink, timeout_ms
             if left <= 0 or await request.is_disconnected():
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(link.answer), min(left, _DISCONNECT_CHECK_S))
+                async with asyncio.timeout(min(left, _DISCONNECT_CHECK_S)):  # not wait_for (3.11)
+                    await asyncio.shield(link.answer)
     finally:
         services.links.detach(device.id, link)
         if not link.answer.done():
