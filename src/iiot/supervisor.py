@@ -75,18 +75,19 @@ async def supervise(
         await asyncio.sleep(delay.next_delay())
 
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+async def cancel_and_wait(task: asyncio.Task[Any] | None, patience_s: float = 15.0) -> None:
     """Cancel a component's background task and wait until it has stopped.
 
     Python 3.11's `asyncio.wait_for` swallows a cancellation that lands just as the awaited
-    thing completes (fixed in 3.12), and the task then runs on: a platform stopping in the
-    test suite waited for its alarm engine for ever. Loops use `asyncio.timeout` instead;
-    this also cancels again until the task has stopped.
+    thing completes (fixed in 3.12), and the task then runs on: a stopping platform waited
+    for its alarm engine for ever (seen in a benchmark). Loops use `asyncio.timeout`
+    instead; as a safety net, a task still running `patience_s` after its cancellation is
+    cancelled again (longer than any cleanup here takes: closes are bounded at 10 s).
     """
     if task is None:
         return
     while not task.done():
         task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
+        await asyncio.wait({task}, timeout=patience_s)
     with contextlib.suppress(asyncio.CancelledError):
         await task

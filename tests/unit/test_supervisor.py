@@ -13,7 +13,7 @@ from iiot.supervisor import cancel_and_wait
 async def test_a_task_that_swallowed_its_cancellation_is_still_stopped() -> None:
     # Python 3.11's asyncio.wait_for returns instead of raising when the cancellation lands
     # just as its inner wait completes, and the loop around it runs on: a platform stopping in
-    # the test suite waited for its alarm engine for ever.
+    # a benchmark waited for its alarm engine for ever.
     swallowed = asyncio.Event()
 
     async def loop() -> None:
@@ -26,7 +26,7 @@ async def test_a_task_that_swallowed_its_cancellation_is_still_stopped() -> None
     task = asyncio.create_task(loop())
     await asyncio.sleep(0)
     async with asyncio.timeout(10):
-        await cancel_and_wait(task)
+        await cancel_and_wait(task, patience_s=0.1)
     assert swallowed.is_set()
     assert task.cancelled()
 
@@ -65,4 +65,4 @@ async def test_asyncio_timeout_never_swallows_a_cancellation_as_wait_for_does_he
     assert (await _cancel_as_the_wait_completes("timeout")).cancelled()
     swallowed = await _cancel_as_the_wait_completes("wait_for")
     assert swallowed.cancelled() == (sys.version_info >= (3, 12))
-    await cancel_and_wait(swallowed)
+    await cancel_and_wait(swallowed, patience_s=0.1)

@@ -32,6 +32,7 @@ from iiot.alarms.model import AlarmFilter, AlarmStatus
 from iiot.bus import DeviceEvent, LiveEvent, RecordEvent
 from iiot.errors import IIoTError, NotFound
 from iiot.services import Services
+from iiot.supervisor import cancel_and_wait
 
 __all__ = ["OpcUaAlarms", "condition_node"]
 
@@ -105,11 +106,8 @@ class OpcUaAlarms:
 
     async def stop(self) -> None:
         """Stop following alarm changes."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for task in self._later:
             task.cancel()
         if self._queue is not None:

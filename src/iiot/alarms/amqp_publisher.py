@@ -8,7 +8,6 @@ The webhook outbox, not this publisher, is the durable notification channel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from typing import Any, Self
@@ -17,6 +16,7 @@ import aio_pika
 
 from iiot.bus import RecordEvent
 from iiot.services import Services
+from iiot.supervisor import cancel_and_wait
 
 __all__ = ["AlarmAmqpPublisher"]
 
@@ -51,10 +51,7 @@ class AlarmAmqpPublisher:
     async def __aexit__(self, *exc: object) -> None:
         """Stop publishing."""
         self._alarms.unlisten(self._on_alarm)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def describe(self) -> str:
         """One line for the start-up log."""

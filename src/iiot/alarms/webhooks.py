@@ -23,6 +23,7 @@ from iiot.alarms.model import OutboxItem, event_body
 from iiot.bus import LiveEvent, RecordEvent
 from iiot.errors import IIoTError
 from iiot.services import Services
+from iiot.supervisor import cancel_and_wait
 
 __all__ = [
     "COMMAND_DONE",
@@ -111,10 +112,7 @@ class WebhookSender:
         """Stop; what is not delivered stays in the outbox for the next start."""
         self._alarms.unlisten(self._on_alarm)
         for task in (self._task, self._events_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         if self._queue is not None:
             self._services.bus.unsubscribe(self._queue)
         if self._client is not None:

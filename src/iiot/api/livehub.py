@@ -13,7 +13,6 @@ never waits for it (the bus drops the hub's oldest events if even the hub falls 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from iiot.bus import DeviceEvent, LiveBus, LiveEvent, RecordEvent, TelemetryEvent
+from iiot.supervisor import cancel_and_wait
 
 __all__ = ["TOPICS", "IngestRate", "LiveHub", "Viewer"]
 
@@ -177,10 +177,7 @@ class LiveHub:
 
     async def stop(self) -> None:
         """Stop reading the bus."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def offer(self, event: LiveEvent) -> None:
         """Take one bus event: telemetry is kept for `hand_out`; anything else goes to every

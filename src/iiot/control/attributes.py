@@ -8,7 +8,6 @@ to the links of the device that listen for attribute updates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from iiot.model import Device
 from iiot.storage._common import now_ms
 from iiot.storage.base import Scope, Store
 from iiot.storage.control import ATTRIBUTE_SCOPES, AttributeValue
+from iiot.supervisor import cancel_and_wait
 
 __all__ = ["MAX_KEY_CHARS", "MAX_VALUE_BYTES", "AttributeService", "check_attributes"]
 
@@ -76,10 +76,7 @@ class AttributeService:
     async def __aexit__(self, *exc: object) -> None:
         if self._queue is not None:
             self._bus.unsubscribe(self._queue)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def get(
         self,
