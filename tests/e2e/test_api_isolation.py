@@ -6,6 +6,7 @@ must leave them unchanged, and fields a caller may not set are never stored.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -41,7 +42,19 @@ async def _world(api: Api) -> dict[str, Any]:
             "tenant_admin": admin_headers,
             "tenant_user": user_headers,
         }
+    # The telemetry marks each device seen; presence is written within a second. Wait for it,
+    # so that the later snapshots compare what tenant A's requests did, not that write.
+    for side in world.values():
+        await _wait_seen(api, side["device"]["id"])
     return world
+
+
+async def _wait_seen(api: Api, device_id: str) -> None:
+    deadline = time.monotonic() + 10
+    url = f"/api/devices/{device_id}"
+    while (await api.ok("GET", url, headers=api.admin))["last_seen"] is None:
+        assert time.monotonic() < deadline, "device presence was never written"
+        await asyncio.sleep(0.05)
 
 
 def _id_routes(objects: dict[str, str]) -> list[tuple[str, str, Any]]:
