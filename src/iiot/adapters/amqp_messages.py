@@ -9,6 +9,7 @@ acknowledged; a storage outage keeps the message and retries its points.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -117,8 +118,10 @@ class AmqpMessages:
         ingestor = self._services.ingestor
         try:
             item = ingestor.decode(device, message.body, PROTOCOL)
+            # A partial, not a closure: fewer objects per message in flight (the collector
+            # walks every one of them while thousands await their commit).
             ingestor.commit_nowait(
-                item, PROTOCOL, lambda error: self._committed(session, message, tag, item, error)
+                item, PROTOCOL, functools.partial(self._committed, session, message, tag, item)
             )
         except StorageUnavailable:  # shutting down: give it back to the broker
             session.settler.settle_soon(tag, False)

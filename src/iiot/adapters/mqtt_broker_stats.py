@@ -20,8 +20,8 @@ from typing import Self
 
 import mqtt5
 
-from iiot.adapters.mqtt import _BrokerUrl  # the one parser of IIOT_MQTT_URL
 from iiot.adapters.mqtt_session import MqttError, MqttSession, Publish
+from iiot.adapters.mqtt_shared import _BrokerUrl  # the one parser of IIOT_MQTT_URL
 from iiot.services import Services
 from iiot.supervisor import Backoff, cancel_and_wait
 

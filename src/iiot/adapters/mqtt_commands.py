@@ -30,8 +30,9 @@ from uuid import UUID
 
 import mqtt5
 
-from iiot.adapters.mqtt import SESSION_EXPIRY_S, _BrokerUrl, _default_client_id
+from iiot.adapters.mqtt import SESSION_EXPIRY_S
 from iiot.adapters.mqtt_session import MqttError, MqttSession, Publish
+from iiot.adapters.mqtt_shared import _BrokerUrl, _default_client_id
 from iiot.bus import DeviceEvent, LiveEvent, RecordEvent
 from iiot.errors import IIoTError
 from iiot.links import DeliveryFailed, OutboundCommand

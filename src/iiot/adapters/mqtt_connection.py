@@ -47,13 +47,26 @@ RECEIVE_MAX_EXCEEDED_5 = 0x93
 
 
 class _Ack:
-    """A PUBLISH awaiting what it asked for; acknowledged in arrival order."""
+    """A PUBLISH awaiting what it asked for; acknowledged in arrival order.
 
-    __slots__ = ("code", "packet_id")
+    For telemetry it is also the pipeline's completion callback (`__call__`), holding what a
+    retry needs: one object per message in flight instead of a closure and its cells, which
+    the garbage collector would walk while tens of thousands of messages await their commit.
+    """
+
+    __slots__ = ("body", "code", "connection", "device", "packet_id")
 
     def __init__(self, packet_id: int) -> None:
         self.packet_id = packet_id
         self.code: int | None = None
+        self.connection: MqttConnection | None = None
+        self.device: Device | None = None
+        self.body = b""
+
+    def __call__(self, error: BaseException | None) -> None:
+        """The telemetry was committed (`error` None) or not."""
+        assert self.connection is not None
+        self.connection._committed(self, error)
 
 
 class MqttConnection(MqttLogin, asyncio.Protocol):
@@ -277,23 +290,21 @@ class MqttConnection(MqttLogin, asyncio.Protocol):
 
     def _telemetry(self, device: Device, body: bytes, ack: _Ack) -> None:
         ingestor = self.server.services.ingestor
+        ack.connection, ack.device, ack.body = self, device, body
         try:
-            ingestor.ingest_nowait(
-                device, body, PROTOCOL, lambda error: self._committed(ack, error, device, body)
-            )
+            ingestor.ingest_nowait(device, body, PROTOCOL, ack)
         except (InvalidPayload, DeviceDisabled) as exc:
             self.server.note(type(exc).__name__, f"message of {self._who()} refused: {exc}")
             self._settle(ack, PAYLOAD_INVALID_5 if isinstance(exc, InvalidPayload) else 0x87)
         except StorageUnavailable:
             self._track(asyncio.ensure_future(self._retry(device, body, ack)))
 
-    def _committed(
-        self, ack: _Ack, error: BaseException | None, device: Device, body: bytes
-    ) -> None:
+    def _committed(self, ack: _Ack, error: BaseException | None) -> None:
         if error is None:
             self._settle(ack, 0)
         elif isinstance(error, StorageUnavailable):
-            self._track(asyncio.ensure_future(self._retry(device, body, ack)))
+            assert ack.device is not None
+            self._track(asyncio.ensure_future(self._retry(ack.device, ack.body, ack)))
         else:
             self._settle(ack, IMPL_ERROR_5)
 

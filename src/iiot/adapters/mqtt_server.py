@@ -18,10 +18,10 @@ import ssl
 from typing import Any, Self
 
 from iiot.adapters import mqtt_codec as mc
-from iiot.adapters.mqtt import RefusalLog
 from iiot.adapters.mqtt_actions import Actions, MqttDeviceLink
 from iiot.adapters.mqtt_connection import PROTOCOL, MqttConnection
 from iiot.adapters.mqtt_sessions import SessionStore
+from iiot.adapters.mqtt_shared import RefusalLog
 from iiot.adapters.mqtt_wills import Wills
 from iiot.errors import AuthenticationError
 from iiot.model import Device
