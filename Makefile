@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean
+.PHONY: run test coverage lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ run: $(STAMP)
 	$(BIN)/iiot run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest --cov --cov-report=term:skip-covered -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=15
+
+# The same suite with a line and branch coverage summary (about a fifth slower: not in CI).
+coverage: $(STAMP)
+	$(BIN)/python -m pytest --cov --cov-report=term:skip-covered -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
