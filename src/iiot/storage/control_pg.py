@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 from iiot.errors import NotFound
 from iiot.storage.base import Page, Scope
 from iiot.storage.control import UNSET, AttributeValue, Command, NewCommand, in_flight_sql
+from iiot.storage.postgres_pool import one_snapshot
 
 __all__ = ["PgControlStore"]
 
@@ -176,20 +177,21 @@ class PgControlStore:
         """A device's commands, newest first."""
 
         async def op(conn: Any) -> Page[Command]:
-            await _check_device(conn, scope, device_id)
-            where = "device_id = $1 AND ($2::text IS NULL OR status = $2)"
-            total = await conn.fetchval(
-                f"SELECT count(*) FROM commands WHERE {where}", device_id, status
-            )
-            rows = await conn.fetch(
-                f"SELECT {_COLS} FROM commands WHERE {where}"
-                " ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
-                device_id,
-                status,
-                limit,
-                offset,
-            )
-            return Page(await _with_transitions(conn, rows), total)
+            async with one_snapshot(conn):
+                await _check_device(conn, scope, device_id)
+                where = "device_id = $1 AND ($2::text IS NULL OR status = $2)"
+                total = await conn.fetchval(
+                    f"SELECT count(*) FROM commands WHERE {where}", device_id, status
+                )
+                rows = await conn.fetch(
+                    f"SELECT {_COLS} FROM commands WHERE {where}"
+                    " ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
+                    device_id,
+                    status,
+                    limit,
+                    offset,
+                )
+                return Page(await _with_transitions(conn, rows), total)
 
         result: Page[Command] = await self._run(op)
         return result

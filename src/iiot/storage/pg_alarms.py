@@ -32,6 +32,7 @@ from iiot.storage.base import Page, Scope
 from iiot.storage.pg_alarm_rules import PostgresAlarmRules
 from iiot.storage.pg_webhooks import PostgresWebhooks
 from iiot.storage.postgres import PostgresStore
+from iiot.storage.postgres_pool import one_snapshot
 
 __all__ = ["PostgresAlarmStore"]
 
@@ -188,16 +189,17 @@ class PostgresAlarmStore(PostgresAlarmRules, PostgresWebhooks):
         clause, args = filter_sql(where, _dollar, scope, as_is)
 
         async def op(conn: Any) -> Page[Alarm]:
-            total = await conn.fetchval(f"SELECT count(*) FROM alarms {clause}", *args)
-            n = len(args)
-            rows = await conn.fetch(
-                f"SELECT {ALARM_COLS} FROM alarms {clause}"
-                f" ORDER BY start_ts DESC, id LIMIT ${n + 1} OFFSET ${n + 2}",
-                *args,
-                limit,
-                offset,
-            )
-            return Page([_alarm(r) for r in rows], total)
+            async with one_snapshot(conn):
+                total = await conn.fetchval(f"SELECT count(*) FROM alarms {clause}", *args)
+                n = len(args)
+                rows = await conn.fetch(
+                    f"SELECT {ALARM_COLS} FROM alarms {clause}"
+                    f" ORDER BY start_ts DESC, id LIMIT ${n + 1} OFFSET ${n + 2}",
+                    *args,
+                    limit,
+                    offset,
+                )
+                return Page([_alarm(r) for r in rows], total)
 
         return await self._store._run(op)
 

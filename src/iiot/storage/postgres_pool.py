@@ -57,3 +57,10 @@ def _describe(url: str) -> str:
     """host:port/db of a URL, without the password, for messages."""
     parts = urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+def one_snapshot(conn: Any) -> Any:
+    """A read-only transaction whose statements all read the same committed data: a page's
+    rows and its total, counted by a second statement, must agree with each other (under
+    READ COMMITTED a row committed between the two made "total 1, items 2")."""
+    return conn.transaction(isolation="repeatable_read", readonly=True)
