@@ -1,16 +1,28 @@
-"""A page's rows and its total agree even while rows are being added (PostgreSQL counts and
-reads them in one snapshot; under READ COMMITTED a row committed between the two statements
-gave "total 1, items 2")."""
+"""A page's rows and its total agree even while rows are being added: both stores count and
+read them in one snapshot (under PostgreSQL's READ COMMITTED, or on SQLite's autocommit
+reader connection, a row committed between the two statements gave "total 1, items 2")."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+
+import pytest
 
 from iiot.storage import open_store
 
 
-async def test_page_total_never_disagrees_with_its_rows_while_rows_are_added(pg_url) -> None:
-    async with open_store(pg_url) as store:
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'iiot.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+async def test_page_total_never_disagrees_with_its_rows_while_rows_are_added(
+    db_url: str,
+) -> None:
+    async with open_store(db_url) as store:
         adding = True
 
         async def add() -> None:

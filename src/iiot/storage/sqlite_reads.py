@@ -30,6 +30,16 @@ def read_connection() -> sqlite3.Connection | None:
     return conn
 
 
+def _in_snapshot(fn: Callable[..., T], *args: Any) -> T:
+    conn = _local.conn
+    conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read
+    try:
+        return fn(*args)
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
 class SqliteReader:
     """One read-only connection and the thread that uses it."""
 
@@ -61,8 +71,12 @@ class SqliteReader:
         return cls(executor)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on the reader's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run `fn(*args)` on the reader's thread, in one read transaction: its statements
+        all see the same committed data (a page's rows and its total must agree, and the
+        writer commits on its own connection meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, _in_snapshot, fn, *args
+        )
 
     async def close(self) -> None:
         """Close the connection and stop the thread."""
@@ -74,6 +88,6 @@ class SqliteReader:
                 conn.close()
 
         try:
-            await self.run(close)
+            await asyncio.get_running_loop().run_in_executor(self._executor, close)
         finally:
             self._executor.shutdown(wait=False)
