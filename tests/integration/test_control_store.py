@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,78 @@ async def test_queue_order_due_commands_and_attributes(store: Store) -> None:
     await store.delete_device(None, device.id)
     with pytest.raises(NotFound):
         await control.get_command(None, first.id)
+
+
+async def test_claims_take_the_oldest_unexpired_command_once(store: Store) -> None:
+    tenant = await store.create_tenant("acme")
+    device = await store.create_device(tenant.id, "valve", "hash-1")
+    control = store.control
+    expired = await control.create_command(
+        None, replace(_new(tenant.id, device.id), expires_at=150), 90
+    )
+    first = await control.create_command(None, _new(tenant.id, device.id), 100)
+    second = await control.create_command(None, _new(tenant.id, device.id), 101)
+
+    # Five racing claims at 200, then more until none is left: the two unexpired commands
+    # go once each, oldest first (a claim that lost a race may find nothing).
+    raced = await asyncio.gather(
+        *(control.claim_next_command(None, device.id, 200) for _ in range(5))
+    )
+    taken = [c for c in raced if c is not None]
+    while (claimed := await control.claim_next_command(None, device.id, 200)) is not None:
+        taken.append(claimed)
+    taken.sort(key=lambda c: c.command.created_at)
+    assert [c.command.id for c in taken] == [first.id, second.id]
+    head = taken[0].command
+    assert head.status == "SENT" and head.deadline == 200 + head.timeout_ms
+    assert head.attempts == 1 and head.transitions == [("QUEUED", 100), ("SENT", 200)]
+    assert await control.claim_next_command(None, device.id, 201) is None
+    # `more` says whether another unexpired command waits (an expired one does not count;
+    # a claim that raced may also say True when the other one was just taken).
+    fourth = await control.create_command(None, _new(tenant.id, device.id), 210)
+    fifth = await control.create_command(None, _new(tenant.id, device.id), 211)
+    one = await control.claim_next_command(None, device.id, 220)
+    two = await control.claim_next_command(None, device.id, 221)
+    assert one is not None and one.command.id == fourth.id and one.more is True
+    assert two is not None and two.command.id == fifth.id and two.more is False
+    assert (await control.get_command(None, expired.id)).status == "QUEUED"  # the sweeper's
+    # Another tenant's scope sees nothing to claim.
+    other = await store.create_tenant("globex")
+    third = await control.create_command(None, _new(tenant.id, device.id), 300)
+    assert await control.claim_next_command(other.id, device.id, 301) is None
+    # Sequential: not while another command of the device is in flight.
+    assert await control.claim_next_command(None, device.id, 302, only_if_next=True) is None
+    assert (await control.get_command(None, third.id)).status == "QUEUED"
+
+
+async def test_an_answer_records_delivery_when_it_overtakes_the_receipt(store: Store) -> None:
+    tenant = await store.create_tenant("acme")
+    device = await store.create_device(tenant.id, "valve", "hash-1")
+    other_device = await store.create_device(tenant.id, "pump", "hash-2")
+    control = store.control
+    sent = await control.create_command(None, _new(tenant.id, device.id), 100)
+    delivered = await control.create_command(None, _new(tenant.id, device.id), 101)
+    oneway = await control.create_command(
+        None, replace(_new(tenant.id, device.id), oneway=True), 102
+    )
+    for command in (sent, delivered, oneway):
+        await control.transition_command(None, command.id, "SENT", ("QUEUED",), 200)
+    await control.transition_command(None, delivered.id, "DELIVERED", ("SENT",), 250)
+
+    # Not another device's command, and a one-way command has no answer.
+    assert await control.answer_command(None, sent.id, other_device.id, {"x": 1}, 300) is None
+    assert await control.answer_command(None, oneway.id, device.id, {"x": 1}, 300) is None
+
+    answered = await control.answer_command(None, sent.id, device.id, {"rpm": 900}, 300)
+    assert answered is not None and answered.delivered_now
+    assert answered.command.status == "SUCCESSFUL" and answered.command.response == {"rpm": 900}
+    history = [("QUEUED", 100), ("SENT", 200), ("DELIVERED", 300), ("SUCCESSFUL", 300)]
+    assert answered.command.transitions == history
+    assert (await control.get_command(None, sent.id)).transitions == history
+
+    plain = await control.answer_command(tenant.id, delivered.id, device.id, None, 310)
+    assert plain is not None and not plain.delivered_now and plain.command.response is None
+    assert [s for s, _ in plain.command.transitions][-2:] == ["DELIVERED", "SUCCESSFUL"]
+    # Answered once: a duplicate answer changes nothing.
+    assert await control.answer_command(None, sent.id, device.id, {"rpm": 1}, 320) is None
+    assert (await control.get_command(None, sent.id)).response == {"rpm": 900}

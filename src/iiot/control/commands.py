@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+from dataclasses import replace
 from typing import Any, Self
 from uuid import UUID
 
@@ -32,7 +33,6 @@ from iiot.control.rules import (
     CANCELABLE,
     CLAIMABLE,
     EXPIRABLE,
-    REPLYABLE,
     CommandRequest,
     frees_device,
     settled,
@@ -58,14 +58,12 @@ _RECONNECT_GRACE_S = 1.0  # one process: the same for a device between polls or 
 # this long before taking a command, so that a process holding a link that proves delivery
 # (an HTTP poll, a CoAP observation...) takes it first: it hears the command in milliseconds.
 _BROKER_GRACE_S = 0.5
-_BATCH = 200
 _LINK_FAILED_PAUSE_S = 1.0  # doubled after each failure in a row, up to the maximum
 _LINK_FAILED_PAUSE_MAX_S = 30.0
 # Every this many sweeps, QUEUED commands of devices with a link here are delivered even if
 # their event was lost (a bus queue that overflowed, a bridge that reconnected).
 _RESCUE_EVERY = 10
 _RESCUE_AGE_MS = 2000  # after a link failed: wait before trying the device's links again
-_SEQUENTIAL_BATCH = 20  # one command is delivered at a time; more only to skip expired ones
 
 
 class _Outcome(enum.Enum):
@@ -104,6 +102,8 @@ class CommandService:
         self._pending_flush: set[UUID] = set()
         self._paused: dict[UUID, float] = {}  # device -> loop time until which not to retry
         self._failures: dict[UUID, int] = {}  # device -> link failures in a row
+        # Commands a link is delivering now -> whether the device's answer came already.
+        self._delivering: dict[UUID, bool] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._main: list[asyncio.Task[Any]] = []
         self._queue: asyncio.Queue[Any] | None = None
@@ -227,18 +227,24 @@ class CommandService:
 
     # --- device side ---------------------------------------------------------------------
     async def reply(self, device: Device, command_id: UUID, response: Any) -> None:
-        """The device's answer: SUCCESSFUL (a reply also proves delivery)."""
-        # The usual case in one statement: a delivered two-way command of this device (the
-        # store never lets a one-way command become SUCCESSFUL).
-        answered = await self._move_id(
-            command_id,
-            "SUCCESSFUL",
-            ("DELIVERED",),
-            device_id=device.id,
-            response=response,
-            deadline=None,
+        """The device's answer: SUCCESSFUL (a reply also proves delivery), in one statement."""
+        answered = await self._store.control.answer_command(
+            None, command_id, device.id, response, now_ms()
         )
         if answered is not None:
+            command = answered.command
+            if command.id in self._delivering:
+                self._delivering[command.id] = True  # its receipt needs no statement now
+            if answered.delivered_now:
+                self._announce(
+                    replace(
+                        command,
+                        status="DELIVERED",
+                        response=None,
+                        transitions=command.transitions[:-1],
+                    )
+                )
+            self._announce(command)
             return
         try:
             command = await self._store.control.get_command(device.tenant_id, command_id)
@@ -246,11 +252,7 @@ class CommandService:
             raise NotFound(f"no command {command_id} for this device") from None
         if command.device_id != device.id:
             raise NotFound(f"no command {command_id} for this device")
-        if command.oneway:
-            return  # nothing to answer; a duplicate or a confused device
-        if command.status == "SENT":
-            command = await self._move(command, "DELIVERED", ("SENT",)) or command
-        await self._move(command, "SUCCESSFUL", REPLYABLE, response=response, deadline=None)
+        # Otherwise one-way, or final already: a duplicate answer or a confused device.
 
     # --- delivery ------------------------------------------------------------------------
     def _on_link(self, device: Device, link: DeviceLink, attached: bool) -> None:
@@ -291,69 +293,52 @@ class CommandService:
                 )
                 if not links:
                     break
-                batch = _SEQUENTIAL_BATCH if self._sequential else _BATCH
-                queued = await self._store.control.queued_commands(None, device_id, batch)
-                if not queued:
+                claimed = await self._store.control.claim_next_command(
+                    None, device_id, now_ms(), only_if_next=self._sequential
+                )
+                if claimed is None:
                     break
-                done = False
-                for command in queued:
-                    link = links[0]
-                    outcome = await self._deliver(command, link)
-                    if outcome is _Outcome.LINK_FAILED:
-                        failed.add(id(link))
-                        failures = self._failures.get(device_id, 0) + 1
-                        self._failures[device_id] = failures
-                        pause = min(
-                            _LINK_FAILED_PAUSE_S * 2 ** min(failures - 1, 10),
-                            _LINK_FAILED_PAUSE_MAX_S,
-                        )
-                        self._paused[device_id] = asyncio.get_running_loop().time() + pause
-                        break
-                    self._failures.pop(device_id, None)
-                    if self._sequential and outcome is not _Outcome.DONE:
-                        # One at a time: the event that frees the device starts the next round.
-                        done = True
-                        break
-                else:
-                    if len(queued) < batch:
-                        break
-                if done:
+                self._announce(claimed.command)
+                link = links[0]
+                outcome = await self._deliver(claimed.command, link)
+                if outcome is _Outcome.LINK_FAILED:
+                    failed.add(id(link))
+                    failures = self._failures.get(device_id, 0) + 1
+                    self._failures[device_id] = failures
+                    pause = min(
+                        _LINK_FAILED_PAUSE_S * 2 ** min(failures - 1, 10),
+                        _LINK_FAILED_PAUSE_MAX_S,
+                    )
+                    self._paused[device_id] = asyncio.get_running_loop().time() + pause
+                    continue  # the command is QUEUED again: another link may take it
+                self._failures.pop(device_id, None)
+                if self._sequential and outcome is not _Outcome.DONE:
+                    break  # one at a time: the event that frees the device starts the next
+                if not claimed.more:
                     break
         if not lock.locked() and device_id not in self._pending_flush:
             self._device_locks.pop(device_id, None)
 
-    async def _deliver(self, command: Command, link: DeviceLink) -> _Outcome:
-        """One attempt through one link."""
-        now = now_ms()
-        if command.expires_at <= now:
-            await self._move(command, "EXPIRED", EXPIRABLE)
-            return _Outcome.DONE
-        sent = await self._move(
-            command,
-            "SENT",
-            CLAIMABLE,
-            deadline=now + command.timeout_ms,
-            add_attempts=1,
-            only_if_next=self._sequential,
-        )
-        if sent is None:
-            return _Outcome.TAKEN
+    async def _deliver(self, sent: Command, link: DeviceLink) -> _Outcome:
+        """One attempt through one link of a command just claimed (SENT)."""
         outbound = OutboundCommand(sent.id, sent.method, sent.params, sent.oneway)
+        self._delivering[sent.id] = False
         try:
             confirmed = await link.deliver_command(outbound)
-        except DeliveryFailed as exc:
-            log.info("command %s not delivered over %s: %s", sent.id, link.protocol, exc)
+        except Exception as exc:  # a broken adapter must not lose the command either
+            if isinstance(exc, DeliveryFailed):
+                log.info("command %s not delivered over %s: %s", sent.id, link.protocol, exc)
+            else:
+                log.exception("link %s failed delivering command %s", link.protocol, sent.id)
             # The device never had it: the attempt does not count against its retries.
             await self._move(
                 sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
             )
             return _Outcome.LINK_FAILED
-        except Exception as exc:  # a broken adapter must not lose the command
-            log.exception("link %s failed delivering command %s", link.protocol, sent.id)
-            await self._move(
-                sent, "QUEUED", ("SENT",), error=f"delivery failed: {exc}", add_attempts=-1
-            )
-            return _Outcome.LINK_FAILED
+        finally:
+            answered = self._delivering.pop(sent.id, False)
+        if answered:
+            return _Outcome.DONE  # the answer came first and recorded DELIVERED with it
         if confirmed:
             deadline = None if sent.oneway else now_ms() + sent.timeout_ms
             delivered = await self._move(sent, "DELIVERED", ("SENT",), deadline=deadline)

@@ -21,7 +21,6 @@ __all__ = [
     "CLAIMABLE",
     "DAY_MS",
     "EXPIRABLE",
-    "REPLYABLE",
     "CommandRequest",
     "frees_device",
     "settled",
@@ -30,7 +29,6 @@ __all__ = [
 
 DAY_MS = 24 * 3600 * 1000
 CLAIMABLE = ("QUEUED",)
-REPLYABLE = ("QUEUED", "SENT", "DELIVERED", "TIMEOUT")
 EXPIRABLE = ("QUEUED", "SENT", "DELIVERED", "TIMEOUT")
 CANCELABLE = ("QUEUED", "SENT", "TIMEOUT")  # not yet delivered
 MAX_TIMEOUT_MS = 3_600_000

@@ -19,7 +19,9 @@ __all__ = [
     "OPEN_STATES",
     "STATES",
     "UNSET",
+    "Answered",
     "AttributeValue",
+    "Claimed",
     "Command",
     "ControlStore",
     "NewCommand",
@@ -140,6 +142,25 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class Claimed:
+    """A command just moved from QUEUED to SENT for delivery."""
+
+    command: Command
+    # Another unexpired command of the device is QUEUED behind it (when claims race, it may
+    # also be one another claim has just taken: a hint to claim again, not a promise).
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A command the device's answer made SUCCESSFUL."""
+
+    command: Command
+    # It was SENT: the answer overtook the receipt, so DELIVERED was recorded with it.
+    delivered_now: bool
+
+
+@dataclass(frozen=True, slots=True)
 class AttributeValue:
     """One attribute's JSON value and when it was last set (Unix ms)."""
 
@@ -188,6 +209,22 @@ class ControlStore(Protocol):
 
     async def queued_commands(self, scope: Scope, device_id: UUID, limit: int) -> list[Command]:
         """A device's QUEUED commands in creation order."""
+        ...
+
+    async def claim_next_command(
+        self, scope: Scope, device_id: UUID, now: int, *, only_if_next: bool = False
+    ) -> Claimed | None:
+        """Move the device's oldest QUEUED command that has not expired to SENT (its deadline
+        `now + timeout_ms`, one more attempt), atomically; None when there is none, or, with
+        `only_if_next`, when another command of the device is in flight."""
+        ...
+
+    async def answer_command(
+        self, scope: Scope, command_id: UUID, device_id: UUID, response: Any, now: int
+    ) -> Answered | None:
+        """The device's answer: its open two-way command becomes SUCCESSFUL with `response`,
+        atomically, with DELIVERED recorded first if it was SENT. None when the command is
+        not an open two-way command of this device."""
         ...
 
     async def due_commands(self, scope: Scope, now: int, limit: int) -> list[Command]:

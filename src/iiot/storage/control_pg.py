@@ -1,8 +1,6 @@
 """`ControlStore` on PostgreSQL: commands, their transitions and attributes (migration 0006).
 
-Every state change is one statement: a conditional UPDATE (`WHERE status = ANY(allowed)`)
-and the INSERT of its transition row in the same CTE, so a state never goes backwards and
-two processes racing for one command cannot both win.
+The statements that change commands are in `control_pg_sql`, each atomic by itself.
 """
 
 from __future__ import annotations
@@ -14,64 +12,22 @@ from uuid import UUID, uuid4
 
 from iiot.errors import NotFound
 from iiot.storage.base import Page, Scope
-from iiot.storage.control import UNSET, AttributeValue, Command, NewCommand, in_flight_sql
+from iiot.storage.control import (
+    UNSET,
+    Answered,
+    AttributeValue,
+    Claimed,
+    Command,
+    NewCommand,
+    in_flight_sql,
+)
+from iiot.storage.control_pg_sql import ANSWER, CLAIM, COLS, CREATE, GET, TRANSITION
 from iiot.storage.postgres_pool import one_snapshot
 
 __all__ = ["PgControlStore"]
 
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]
-
-_COLS = (
-    "id, tenant_id, device_id, method, params, oneway, persistent, timeout_ms, expires_at,"
-    " retries, attempts, status, response, error, sent_by, deadline, created_at, updated_at"
-)
-_TRANSITION = f"""
-WITH u AS (
-    UPDATE commands SET status = $3, updated_at = $4, deadline = $5,
-        response = CASE WHEN $6 THEN $7 ELSE response END,
-        error = coalesce($8, error),
-        attempts = attempts + $9
-    WHERE id = $1 AND status = ANY($2::text[])
-      AND ($10::uuid IS NULL OR tenant_id = $10) AND ($11::uuid IS NULL OR device_id = $11)
-      AND NOT (oneway AND $3 = 'SUCCESSFUL')  -- a one-way command has no answer
-      -- only_if_next: only the device's oldest QUEUED command, with none in flight. Of two
-      -- racing claims the newer one's snapshot sees the older QUEUED (not committed yet) or
-      -- SENT, so it is refused: no lock is needed.
-      AND (NOT $12 OR NOT EXISTS (
-          SELECT 1 FROM commands o WHERE o.device_id = commands.device_id AND o.id <> commands.id
-            AND ((o.status IN ('SENT', 'DELIVERED', 'TIMEOUT') AND {in_flight_sql("o")})
-              OR (o.status = 'QUEUED'
-                  AND (o.created_at, o.id) < (commands.created_at, commands.id)))))
-    RETURNING {_COLS}
-), t AS (
-    INSERT INTO command_transitions (command_id, status, ts) SELECT id, status, updated_at FROM u
-)
-SELECT u.*,
-    ARRAY(SELECT status FROM command_transitions WHERE command_id = u.id ORDER BY seq) AS t_status,
-    ARRAY(SELECT ts FROM command_transitions WHERE command_id = u.id ORDER BY seq) AS t_ts
-FROM u
-"""
-_GET = f"""
-SELECT {_COLS},
-    ARRAY(SELECT status FROM command_transitions WHERE command_id = $1 ORDER BY seq) AS t_status,
-    ARRAY(SELECT ts FROM command_transitions WHERE command_id = $1 ORDER BY seq) AS t_ts
-FROM commands WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
-"""
-# One statement: the device's scope check, the command and its first transition.
-_CREATE = f"""
-WITH d AS (
-    SELECT id FROM devices WHERE id = $3 AND ($13::uuid IS NULL OR tenant_id = $13)
-), c AS (
-    INSERT INTO commands ({_COLS})
-    SELECT $1, $2, d.id, $4, $5, $6, $7, $8, $9, $10, 0, 'QUEUED', NULL, NULL, $11, NULL, $12, $12
-    FROM d
-    RETURNING {_COLS}
-), t AS (
-    INSERT INTO command_transitions (command_id, status, ts) SELECT id, 'QUEUED', $12 FROM c
-)
-SELECT * FROM c
-"""
 
 
 def _command(row: Any, transitions: list[tuple[str, int]] | None = None) -> Command:
@@ -137,7 +93,7 @@ class PgControlStore:
 
         async def op(conn: Any) -> Command:
             row = await conn.fetchrow(
-                _CREATE,
+                CREATE,
                 uuid4(),
                 command.tenant_id,
                 command.device_id,
@@ -163,7 +119,7 @@ class PgControlStore:
         """One command with its transitions."""
 
         async def op(conn: Any) -> Command:
-            row = await conn.fetchrow(_GET, command_id, scope)
+            row = await conn.fetchrow(GET, command_id, scope)
             if row is None:
                 raise NotFound(f"command {command_id} not found")
             return _command(row, list(zip(row["t_status"], row["t_ts"], strict=True)))
@@ -184,7 +140,7 @@ class PgControlStore:
                     f"SELECT count(*) FROM commands WHERE {where}", device_id, status
                 )
                 rows = await conn.fetch(
-                    f"SELECT {_COLS} FROM commands WHERE {where}"
+                    f"SELECT {COLS} FROM commands WHERE {where}"
                     " ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
                     device_id,
                     status,
@@ -217,7 +173,7 @@ class PgControlStore:
             # One statement, atomic by itself; its transition arrays were read before the
             # new row, which is appended here.
             row = await conn.fetchrow(
-                _TRANSITION,
+                TRANSITION,
                 command_id,
                 list(allowed_from),
                 to,
@@ -239,12 +195,46 @@ class PgControlStore:
         result: Command | None = await self._run(op, retry=False)
         return result
 
+    async def claim_next_command(
+        self, scope: Scope, device_id: UUID, now: int, *, only_if_next: bool = False
+    ) -> Claimed | None:
+        """The device's oldest unexpired QUEUED command, moved to SENT, in one statement."""
+
+        async def op(conn: Any) -> Claimed | None:
+            row = await conn.fetchrow(CLAIM, device_id, now, only_if_next, scope)
+            if row is None:
+                return None
+            history = [*zip(row["t_status"], row["t_ts"], strict=True), ("SENT", now)]
+            return Claimed(_command(row, history), row["more"])
+
+        result: Claimed | None = await self._run(op, retry=False)
+        return result
+
+    async def answer_command(
+        self, scope: Scope, command_id: UUID, device_id: UUID, response: Any, now: int
+    ) -> Answered | None:
+        """The device's answer to its open two-way command, in one statement."""
+
+        async def op(conn: Any) -> Answered | None:
+            row = await conn.fetchrow(
+                ANSWER, command_id, device_id, now, json.dumps(response), scope
+            )
+            if row is None:
+                return None
+            delivered_now = row["was"] == "SENT"
+            added = [("DELIVERED", now)] if delivered_now else []
+            history = [*zip(row["t_status"], row["t_ts"], strict=True), *added]
+            return Answered(_command(row, [*history, ("SUCCESSFUL", now)]), delivered_now)
+
+        result: Answered | None = await self._run(op, retry=False)
+        return result
+
     async def queued_commands(self, scope: Scope, device_id: UUID, limit: int) -> list[Command]:
         """A device's QUEUED commands in creation order."""
 
         async def op(conn: Any) -> list[Command]:
             rows = await conn.fetch(
-                f"SELECT {_COLS} FROM commands WHERE device_id = $1 AND status = 'QUEUED'"
+                f"SELECT {COLS} FROM commands WHERE device_id = $1 AND status = 'QUEUED'"
                 " AND ($2::uuid IS NULL OR tenant_id = $2) ORDER BY created_at, id LIMIT $3",
                 device_id,
                 scope,
@@ -260,7 +250,7 @@ class PgControlStore:
 
         async def op(conn: Any) -> list[Command]:
             rows = await conn.fetch(
-                f"SELECT {_COLS} FROM commands"
+                f"SELECT {COLS} FROM commands"
                 " WHERE status IN ('QUEUED', 'SENT', 'DELIVERED', 'TIMEOUT')"
                 " AND (deadline <= $1 OR expires_at <= $1)"
                 " AND NOT (status = 'DELIVERED' AND oneway)"  # final for one-way commands
@@ -279,7 +269,7 @@ class PgControlStore:
 
         async def op(conn: Any) -> Command | None:
             row = await conn.fetchrow(
-                f"SELECT {_COLS} FROM commands c WHERE device_id = $1"
+                f"SELECT {COLS} FROM commands c WHERE device_id = $1"
                 " AND status IN ('SENT', 'DELIVERED', 'TIMEOUT')"
                 f" AND {in_flight_sql('c')} AND ($2::uuid IS NULL OR tenant_id = $2)"
                 " ORDER BY created_at, id LIMIT 1",
@@ -312,7 +302,7 @@ class PgControlStore:
 
         async def op(conn: Any) -> list[Command]:
             rows = await conn.fetch(
-                f"SELECT {_COLS} FROM commands WHERE status = 'SENT' AND persistent"
+                f"SELECT {COLS} FROM commands WHERE status = 'SENT' AND persistent"
                 " AND ($1::uuid IS NULL OR tenant_id = $1) ORDER BY created_at LIMIT $2",
                 scope,
                 limit,

@@ -16,7 +16,15 @@ from uuid import UUID, uuid4
 
 from iiot.errors import NotFound
 from iiot.storage.base import Page, Scope
-from iiot.storage.control import UNSET, AttributeValue, Command, NewCommand, in_flight_sql
+from iiot.storage.control import (
+    UNSET,
+    Answered,
+    AttributeValue,
+    Claimed,
+    Command,
+    NewCommand,
+    in_flight_sql,
+)
 
 __all__ = ["SqliteControlStore"]
 
@@ -34,6 +42,19 @@ def _b(value: UUID | None) -> bytes | None:
 
 def _marks(n: int) -> str:
     return ", ".join("?" * n)
+
+
+def _is_next(*, unexpired: bool) -> str:
+    """The row `commands` is its device's next command: none other in flight, none older
+    QUEUED (`unexpired`: only those expiring after the `?` argument count)."""
+    expiry = " AND o.expires_at > ?" if unexpired else ""
+    return (
+        "NOT EXISTS (SELECT 1 FROM commands o"
+        " WHERE o.device_id = commands.device_id AND o.id <> commands.id"
+        f" AND ((o.status IN ('SENT', 'DELIVERED', 'TIMEOUT') AND {in_flight_sql('o')})"
+        f" OR (o.status = 'QUEUED'{expiry}"
+        " AND (o.created_at, o.id) < (commands.created_at, commands.id))))"
+    )
 
 
 def _command(row: Any, transitions: list[tuple[str, int]] | None = None) -> Command:
@@ -217,11 +238,7 @@ class SqliteControlStore:
                     f" WHERE id = ? AND status IN ({_marks(len(allowed_from))})"
                     " AND (? IS NULL OR tenant_id = ?) AND (? IS NULL OR device_id = ?)"
                     " AND NOT (oneway AND ? = 'SUCCESSFUL')"  # a one-way command has no answer
-                    " AND (NOT ? OR NOT EXISTS (SELECT 1 FROM commands o"
-                    " WHERE o.device_id = commands.device_id AND o.id <> commands.id"
-                    " AND ((o.status IN ('SENT', 'DELIVERED', 'TIMEOUT')"
-                    f" AND {in_flight_sql('o')}) OR (o.status = 'QUEUED'"
-                    " AND (o.created_at, o.id) < (commands.created_at, commands.id)))))"
+                    f" AND (NOT ? OR {_is_next(unexpired=False)})"
                     f" RETURNING {_COLS}",
                     (
                         to,
@@ -250,6 +267,76 @@ class SqliteControlStore:
                 return self._with_transitions([row])[0]
 
         result: Command | None = await self._call(run)
+        return result
+
+    async def claim_next_command(
+        self, scope: Scope, device_id: UUID, now: int, *, only_if_next: bool = False
+    ) -> Claimed | None:
+        """The device's oldest unexpired QUEUED command, moved to SENT, in one transaction."""
+
+        def run() -> Claimed | None:
+            db = self._db()
+            unexpired = "device_id = ? AND status = 'QUEUED' AND expires_at > ?"
+            with _transaction(db):
+                oldest = db.execute(
+                    f"SELECT id FROM commands WHERE {unexpired} AND (? IS NULL OR tenant_id = ?)"
+                    " ORDER BY created_at, id LIMIT 1",
+                    (device_id.bytes, now, _b(scope), _b(scope)),
+                ).fetchone()
+                if oldest is None:
+                    return None
+                row = db.execute(
+                    "UPDATE commands SET status = 'SENT', updated_at = ?,"
+                    " deadline = ? + timeout_ms, attempts = attempts + 1"
+                    f" WHERE id = ? AND (NOT ? OR {_is_next(unexpired=True)})"
+                    f" RETURNING {_COLS}",
+                    (now, now, oldest[0], only_if_next, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                db.execute(
+                    "INSERT INTO command_transitions (command_id, status, ts) VALUES (?, ?, ?)",
+                    (oldest[0], "SENT", now),
+                )
+                more = db.execute(
+                    f"SELECT EXISTS (SELECT 1 FROM commands WHERE {unexpired} AND id <> ?)",
+                    (device_id.bytes, now, oldest[0]),
+                ).fetchone()[0]
+                return Claimed(self._with_transitions([row])[0], bool(more))
+
+        result: Claimed | None = await self._call(run)
+        return result
+
+    async def answer_command(
+        self, scope: Scope, command_id: UUID, device_id: UUID, response: Any, now: int
+    ) -> Answered | None:
+        """The device's answer to its open two-way command, in one transaction."""
+
+        def run() -> Answered | None:
+            db = self._db()
+            with _transaction(db):
+                found = db.execute(
+                    "SELECT status FROM commands WHERE id = ? AND device_id = ?"
+                    " AND (? IS NULL OR tenant_id = ?) AND NOT oneway"
+                    " AND status IN ('QUEUED', 'SENT', 'DELIVERED', 'TIMEOUT')",
+                    (command_id.bytes, device_id.bytes, _b(scope), _b(scope)),
+                ).fetchone()
+                if found is None:
+                    return None
+                row = db.execute(
+                    "UPDATE commands SET status = 'SUCCESSFUL', updated_at = ?, deadline = NULL,"
+                    f" response = ? WHERE id = ? RETURNING {_COLS}",
+                    (now, json.dumps(response), command_id.bytes),
+                ).fetchone()
+                delivered_now = found[0] == "SENT"
+                for status in ("DELIVERED", "SUCCESSFUL") if delivered_now else ("SUCCESSFUL",):
+                    db.execute(
+                        "INSERT INTO command_transitions (command_id, status, ts) VALUES (?, ?, ?)",
+                        (command_id.bytes, status, now),
+                    )
+                return Answered(self._with_transitions([row])[0], delivered_now)
+
+        result: Answered | None = await self._call(run)
         return result
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[Command]:
