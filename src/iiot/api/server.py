@@ -114,8 +114,7 @@ class HttpServer:
             proxy_headers=True,
             forwarded_allow_ips="127.0.0.1",
             timeout_graceful_shutdown=5,
-            # The loop is the platform's own (uvloop for `iiot run --role api` when
-            # installed, see iiot.cli).
+            # The loop is the platform's own (uvloop when installed, see iiot.cli).
             http=_http_protocol(),
             # Live frames are small JSON arrays sent up to 5 times a second per console:
             # compressing each one cost more CPU than the bytes it saved.
