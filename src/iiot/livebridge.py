@@ -171,6 +171,8 @@ class LiveBridge:
 
     async def __aenter__(self) -> Self:
         self._queue = self._services.bus.subscribe()
+        # Down until its connection listens: readiness must not say ready before that.
+        self._services.health.set(self.name, "down", "connecting")
         self._task = asyncio.create_task(
             supervise("live bridge", self._serve, log, self._on_state), name="livebridge"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,8 +21,9 @@ from iiot.app import Platform, RunRole
 from iiot.bus import DeviceEvent, LiveEvent, TelemetryEvent, TenantEvent
 from iiot.config import load_settings
 from iiot.errors import DeviceDisabled
-from iiot.livebridge import decode, encode
+from iiot.livebridge import LiveBridge, decode, encode
 from iiot.model import Device, DevicePoints, Point, Tenant
+from iiot.services import HealthBoard
 from tests.support import platform_env
 
 
@@ -108,3 +110,16 @@ def test_tenant_events_cross_unchanged() -> None:
             event = TenantEvent(kind, tenant)
             [payload] = encode(event, "me")
             assert decode(payload) == ("me", event)
+
+
+async def test_the_bridge_counts_as_down_until_it_listens(pg_url: str, tmp_path: Path) -> None:
+    # Readiness answers 200 when no component on the health board is down: a bridge that
+    # appeared on the board only once connected let a node say "ready" before it could
+    # forward commands and live values (seen in the three-node test).
+    async with _platform(pg_url, tmp_path / "api", "api") as api:
+        services = dataclasses.replace(api.services, health=HealthBoard())
+        async with LiveBridge(services):
+            assert services.health.components["livebridge"].state == "down"
+            async with asyncio.timeout(15):
+                while services.health.components["livebridge"].state != "up":  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
