@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import UUID
@@ -22,6 +22,8 @@ __all__ = [
     "RecordEvent",
     "TelemetryEvent",
     "TenantEvent",
+    "Wants",
+    "record_topics",
 ]
 
 
@@ -69,6 +71,12 @@ class RecordEvent:
 LiveEvent = TelemetryEvent | DeviceEvent | TenantEvent | RecordEvent
 
 
+def record_topics(*topics: RecordTopic) -> Wants:
+    """`subscribe(wants=...)` for a subscriber that follows only these record topics."""
+    wanted = frozenset(topics)
+    return lambda event: isinstance(event, RecordEvent) and event.topic in wanted
+
+
 # Bounds of what live views may hold (item: bounded bus events): a committed batch of up to
 # 5,000 points is published as events of at most this many points, and each subscriber
 # queue holds at most `max_points` points (the oldest events are dropped beyond).
@@ -82,13 +90,17 @@ def _points(event: LiveEvent) -> int:
     return 0
 
 
-class _EventQueue(asyncio.Queue[LiveEvent]):
-    """An event queue that knows how many points it holds."""
+Wants = Callable[[LiveEvent], bool]
 
-    def __init__(self, maxsize: int, max_points: int) -> None:
+
+class _EventQueue(asyncio.Queue[LiveEvent]):
+    """An event queue that knows how many points it holds, and which events it wants."""
+
+    def __init__(self, maxsize: int, max_points: int, wants: Wants | None) -> None:
         super().__init__(maxsize)
         self.points = 0
         self.max_points = max_points
+        self.wants = wants
 
     def _put(self, item: LiveEvent) -> None:
         self.points += _points(item)
@@ -104,13 +116,19 @@ class LiveBus:
     """Fan-out of live events to any number of subscribers."""
 
     def __init__(self) -> None:
-        self._queues: set[asyncio.Queue[LiveEvent]] = set()
+        self._queues: set[_EventQueue] = set()
 
     def subscribe(
-        self, maxsize: int = 10_000, max_points: int = MAX_QUEUED_POINTS
+        self,
+        maxsize: int = 10_000,
+        max_points: int = MAX_QUEUED_POINTS,
+        *,
+        wants: Wants | None = None,
     ) -> asyncio.Queue[LiveEvent]:
-        """A new queue that receives every event published from now on."""
-        queue: asyncio.Queue[LiveEvent] = _EventQueue(maxsize, max_points)
+        """A new queue that receives every event published from now on, or only those
+        `wants(event)` accepts: a subscriber that ignores most events is not woken for each
+        (a command's five state changes woke every subscriber of the process)."""
+        queue = _EventQueue(maxsize, max_points, wants)
         self._queues.add(queue)
         return queue
 
@@ -138,16 +156,17 @@ class LiveBus:
 
     def unsubscribe(self, queue: asyncio.Queue[LiveEvent]) -> None:
         """Stop delivering events to this queue."""
-        self._queues.discard(queue)
+        self._queues.discard(queue)  # type: ignore[arg-type, unused-ignore]
 
     def publish(self, event: LiveEvent) -> None:
         """Deliver an event to every subscriber without waiting."""
         points = _points(event)
         for queue in self._queues:
+            if queue.wants is not None and not queue.wants(event):
+                continue
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()  # drop the oldest: live views must not block ingest
-            if isinstance(queue, _EventQueue):
-                while queue.points and queue.points + points > queue.max_points:
-                    queue.get_nowait()  # the same, bounded in points
+            while queue.points and queue.points + points > queue.max_points:
+                queue.get_nowait()  # the same, bounded in points
             queue.put_nowait(event)

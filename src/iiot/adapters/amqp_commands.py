@@ -38,7 +38,7 @@ from iiot.adapters.amqp_session import (  # devices may read the command exchang
     EXCHANGE,
     TOKEN_HEADER,
 )
-from iiot.bus import LiveEvent, RecordEvent
+from iiot.bus import LiveEvent, RecordEvent, record_topics
 from iiot.errors import IIoTError
 from iiot.links import DeliveryFailed, OutboundCommand
 from iiot.services import Services
@@ -116,7 +116,7 @@ class AmqpCommandChannel:
         return f"AMQP commands via {parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
 
     async def __aenter__(self) -> Self:
-        self._queue = self._services.bus.subscribe()
+        self._queue = self._services.bus.subscribe(wants=record_topics("command"))
         self._events = asyncio.create_task(self._watch_queued(), name="amqp-commands-events")
         self._prober = asyncio.create_task(self._probe_queued(), name="amqp-commands-probe")
         self._task = asyncio.create_task(

@@ -53,6 +53,13 @@ _PAGE = 500
 _KEEPALIVE_S = 30
 
 
+def _devices_and_attributes(event: LiveEvent) -> bool:
+    """The bus events this component follows."""
+    return isinstance(event, DeviceEvent) or (
+        isinstance(event, RecordEvent) and event.topic == "attributes"
+    )
+
+
 class MqttExternalLink:
     """A device reached through the external broker: publish, never a proof of delivery."""
 
@@ -100,7 +107,7 @@ class MqttCommandChannel:
         return f"MQTT commands via {self._url} (client id {self._client_id})"
 
     async def __aenter__(self) -> Self:
-        self._queue = self._services.bus.subscribe()
+        self._queue = self._services.bus.subscribe(wants=_devices_and_attributes)
         offset = 0
         while True:
             page = await self._services.store.list_devices(None, _PAGE, offset)

@@ -26,7 +26,7 @@ from iiot.adapters.opcua_live import PUBLISH_INTERVAL_S
 from iiot.adapters.opcua_pki import APPLICATION_URI, Pki
 from iiot.adapters.opcua_space import AddressSpaceSync, MethodCallback
 from iiot.adapters.opcua_transport import PlatformServer
-from iiot.bus import LiveEvent
+from iiot.bus import LiveEvent, RecordEvent
 from iiot.control.rules import CommandRequest
 from iiot.errors import ConfigError, NotFound, StorageUnavailable
 from iiot.services import Services
@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 
 NAMESPACE_URI = "urn:iiot:platform"
 MAX_STATUS_CHARS = 64  # as the REST API
+
+
+def _mirrored(event: LiveEvent) -> bool:
+    """The bus events the address space follows: every one but the records of commands,
+    alarms (`opcua_alarms`), rules and webhooks, which change no node here."""
+    return not isinstance(event, RecordEvent) or event.topic in ("connectivity", "attributes")
 
 
 class OpcUaServer:
@@ -125,7 +131,7 @@ class OpcUaServer:
         server.set_certificate_validator(self.pki.validate)
 
         # Subscribe before reading the store so no change between the two is missed.
-        self._queue = services.bus.subscribe()
+        self._queue = services.bus.subscribe(wants=_mirrored)
         self._sync = AddressSpaceSync(
             server, self._ns, services.store, owners, self._set_status_for
         )

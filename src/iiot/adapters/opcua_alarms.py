@@ -65,6 +65,13 @@ def _ms(ts: int | None) -> datetime:
     return datetime.fromtimestamp((ts or 0) / 1000, UTC)
 
 
+def _alarms_and_devices(event: LiveEvent) -> bool:
+    """The bus events this component follows."""
+    return isinstance(event, DeviceEvent) or (
+        isinstance(event, RecordEvent) and event.topic == "alarm"
+    )
+
+
 class OpcUaAlarms:
     """Alarm conditions of the platform's OPC UA server."""
 
@@ -87,7 +94,7 @@ class OpcUaAlarms:
         if alarms is None:
             return
         self._server.link_method(self._server.get_node(ua.NodeId(_ACKNOWLEDGE)), self._acknowledge)
-        self._queue = self._services.bus.subscribe()
+        self._queue = self._services.bus.subscribe(wants=_alarms_and_devices)
         template = await events.get_event_obj_from_type_node(
             self._server.get_node(ua.NodeId(ua.ObjectIds.AlarmConditionType))
         )

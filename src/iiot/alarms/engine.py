@@ -48,6 +48,13 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _evaluated(event: LiveEvent) -> bool:
+    """The bus events the engine follows: points, rule changes, device changes."""
+    return isinstance(event, TelemetryEvent | DeviceEvent) or (
+        isinstance(event, RecordEvent) and event.topic == "rule"
+    )
+
+
 class AlarmEngine:
     """Rule evaluation on the live bus, with timers for for-durations and inactivity."""
 
@@ -76,7 +83,7 @@ class AlarmEngine:
         """Load rules and states, then follow the bus."""
         self._started_ms = _now_ms()
         # Subscribed before loading: no point committed meanwhile is missed.
-        self._queue = self._services.bus.subscribe(maxsize=200_000)
+        self._queue = self._services.bus.subscribe(maxsize=200_000, wants=_evaluated)
         try:
             await self._load_rules()
             stored = await self._alarms.store.rule_states()

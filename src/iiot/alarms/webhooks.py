@@ -20,7 +20,7 @@ from uuid import UUID
 import httpx
 
 from iiot.alarms.model import OutboxItem, event_body
-from iiot.bus import LiveEvent, RecordEvent
+from iiot.bus import LiveEvent, RecordEvent, record_topics
 from iiot.errors import IIoTError
 from iiot.services import Services
 from iiot.supervisor import cancel_and_wait
@@ -103,7 +103,7 @@ class WebhookSender:
         """Start sending."""
         self._client = httpx.AsyncClient(timeout=_TIMEOUT_S, follow_redirects=False)
         self._alarms.listen(self._on_alarm)
-        self._queue = self._services.bus.subscribe()
+        self._queue = self._services.bus.subscribe(wants=record_topics(WEBHOOK_TOPIC, "command"))
         self._task = asyncio.create_task(self._run(), name="webhook-sender")
         self._events_task = asyncio.create_task(self._follow_commands(), name="webhook-commands")
         return self

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 from uuid import UUID
 
-from iiot.bus import LiveBus, RecordEvent
+from iiot.bus import LiveBus, RecordEvent, record_topics
 from iiot.errors import IIoTError, InvalidRequest
 from iiot.links import DeliveryFailed, DeviceLinks
 from iiot.model import Device
@@ -69,7 +69,7 @@ class AttributeService:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        self._queue = self._bus.subscribe()
+        self._queue = self._bus.subscribe(wants=record_topics("attributes"))
         self._task = asyncio.create_task(self._listen(), name="attributes-push")
         return self
 

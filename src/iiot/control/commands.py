@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any, Self
 from uuid import UUID
 
-from iiot.bus import LiveBus, RecordEvent
+from iiot.bus import LiveBus, RecordEvent, record_topics
 from iiot.control.link_choice import by_preference, only_broker
 from iiot.control.rules import (
     CANCELABLE,
@@ -110,7 +110,7 @@ class CommandService:
 
     # --- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> Self:
-        self._queue = self._bus.subscribe()
+        self._queue = self._bus.subscribe(wants=record_topics("command"))
         self._links.add_listener(self._on_link)
         if not self._distributed:
             await self._requeue_orphans()
