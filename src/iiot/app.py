@@ -147,7 +147,11 @@ class Platform:
         secure_data_dir(settings.data_dir)
         try:
             store = await self._stack.enter_async_context(
-                open_store(settings.effective_database_url, read_url=settings.database_read_url)
+                open_store(
+                    settings.effective_database_url,
+                    read_url=settings.database_read_url,
+                    batch_writers=settings.batch_writers,
+                )
             )
             await ensure_admin(store, settings)
             bus = LiveBus()

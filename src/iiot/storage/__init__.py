@@ -10,11 +10,12 @@ from iiot.storage.base import Page, Scope, Store, TelemetryQuery
 __all__ = ["Page", "Scope", "Store", "TelemetryQuery", "open_store"]
 
 
-def open_store(url: str, *, read_url: str | None = None) -> Store:
+def open_store(url: str, *, read_url: str | None = None, batch_writers: int = 4) -> Store:
     """The store for `sqlite:///path` or `postgresql://...` (not yet entered: use `async with`).
 
     `read_url`, PostgreSQL only, is a read replica that answers queries (telemetry, latest
     values, lists); unset, the primary answers them on connections of their own.
+    `batch_writers`: the pipeline's writers, each with a PostgreSQL connection of its own.
     """
     scheme = urlsplit(url).scheme
     if read_url and scheme not in ("postgresql", "postgres"):
@@ -36,7 +37,7 @@ def open_store(url: str, *, read_url: str | None = None) -> Store:
     if scheme in ("postgresql", "postgres"):
         from iiot.storage.postgres import PostgresStore
 
-        return PostgresStore(url, read_url=read_url)
+        return PostgresStore(url, read_url=read_url, ingest_connections=batch_writers)
     raise ConfigError(
         f"IIOT_DATABASE_URL={_redact(url)!r} is not valid: "
         "expected sqlite:///path or postgresql://user@host[:port]/db"

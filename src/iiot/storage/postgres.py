@@ -77,6 +77,7 @@ class PostgresStore(
         connect_timeout: float = 5.0,
         read_url: str | None = None,
         query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S,
+        ingest_connections: int = 4,
     ) -> None:
         """Remember the settings; nothing connects before `__aenter__`."""
         # asyncpg understands postgresql:// and postgres:// alike.
@@ -93,6 +94,11 @@ class PostgresStore(
         self._read_url = read_url or url
         self._query_timeout_s = query_timeout_s
         self._read_pool: Any = None
+        # Telemetry commits: a pool of their own, so that they never wait for a connection
+        # behind API and command statements (100 commands/s held the shared pool's queue
+        # long enough to slow an ingest burst down; docs/performance.md).
+        self._ingest_pool: Any = None
+        self._ingest_connections = ingest_connections  # one per pipeline writer
         self.control = PgControlStore(self._run)  # commands and attributes
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -100,11 +106,31 @@ class PostgresStore(
         """Open the pool and bring the schema up to date."""
         if self._pool is not None:
             raise RuntimeError("PostgresStore is already open")
+        self._pool = await self._open_pool(self._min_size, self._max_size)
         try:
-            self._pool = await asyncpg.create_pool(
-                self._url,
-                min_size=self._min_size,
+            await self._run(self._migrate, retry=False)
+            self._read_pool = await open_read_pool(
+                self._read_url,
                 max_size=self._max_size,
+                timeout_s=self._query_timeout_s,
+                connect_timeout=self._connect_timeout,
+            )
+            self._ingest_pool = await self._open_pool(1, self._ingest_connections)
+            await self._start_background()
+        except BaseException:
+            await self._close()
+            raise
+        self._alive.clear()
+        self._deletions_seen = None
+        self._latest.start()
+        return self
+
+    async def _open_pool(self, min_size: int, max_size: int) -> Any:
+        try:
+            return await asyncpg.create_pool(
+                self._url,
+                min_size=min_size,
+                max_size=max_size,
                 timeout=self._connect_timeout,
                 init=_init_connection,
                 reset=_reset_connection,
@@ -116,22 +142,6 @@ class PostgresStore(
             raise StorageUnavailable(
                 f"cannot connect to PostgreSQL at {_describe(self._url)}: {exc}"
             ) from exc
-        try:
-            await self._run(self._migrate, retry=False)
-            self._read_pool = await open_read_pool(
-                self._read_url,
-                max_size=self._max_size,
-                timeout_s=self._query_timeout_s,
-                connect_timeout=self._connect_timeout,
-            )
-            await self._start_background()
-        except BaseException:
-            await self._close()
-            raise
-        self._alive.clear()
-        self._deletions_seen = None
-        self._latest.start()
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         """Close every connection of the pool."""
@@ -142,8 +152,9 @@ class PostgresStore(
         if self._pool is not None:
             await self._latest.close()
         read_pool, self._read_pool = self._read_pool, None
+        ingest_pool, self._ingest_pool = self._ingest_pool, None
         pool, self._pool = self._pool, None
-        for closing in (read_pool, pool):
+        for closing in (read_pool, ingest_pool, pool):
             if closing is None:
                 continue
             try:
@@ -174,17 +185,27 @@ class PostgresStore(
                 )
 
     async def _run(
-        self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True, read: bool = False
+        self,
+        op: Callable[[Any], Awaitable[T]],
+        *,
+        retry: bool = True,
+        read: bool = False,
+        ingest: bool = False,
     ) -> T:
         """Run `op` on a pooled connection; connection failures become `StorageUnavailable`.
 
         With `retry`, an operation that failed on a connection that broke while idle is
         run once more on a fresh one; only idempotent operations may ask for this. With
-        `read`, a read-only `op` runs on the queries' pool (postgres_reads).
+        `read`, a read-only `op` runs on the queries' pool (postgres_reads); with `ingest`,
+        on the telemetry commits' pool.
         """
         if self._pool is None:
             raise RuntimeError("PostgresStore is not open (use `async with`)")
-        pool = self._read_pool if read and self._read_pool is not None else self._pool
+        pool = self._pool
+        if read and self._read_pool is not None:
+            pool = self._read_pool
+        elif ingest and self._ingest_pool is not None:
+            pool = self._ingest_pool
         attempts = 2 if retry else 1
         for attempt in range(1, attempts + 1):
             try:

@@ -233,7 +233,12 @@ class PostgresTelemetry:
     _background: list[asyncio.Task[None]]
 
     async def _run(
-        self, op: Callable[[Any], Awaitable[T]], *, retry: bool = True, read: bool = False
+        self,
+        op: Callable[[Any], Awaitable[T]],
+        *,
+        retry: bool = True,
+        read: bool = False,
+        ingest: bool = False,
     ) -> T:
         raise NotImplementedError
 
@@ -319,7 +324,7 @@ class PostgresTelemetry:
 
         # Idempotent by design, so a broken idle connection is retried at once.
         try:
-            written = await self._run(op)
+            written = await self._run(op, ingest=True)
         except asyncpg.DataError as exc:
             # A value PostgreSQL cannot hold: refused for good (the pipeline then finds
             # the message that carries it and refuses only that one).
