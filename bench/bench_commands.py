@@ -37,7 +37,7 @@ import httpx
 from bench.bench_mqtt_endpoint import PROCESSES, _reset, _run_load, _wait_rows
 from bench.figures import throughput
 from bench.pg import temporary_database
-from bench.profiles import free_port, platform_ports, settled
+from bench.profiles import die_with_parent, free_port, platform_ports, settled
 from bench.rest_client import RestConnections
 
 ANSWERING_DEVICES = 20  # per device-side form
@@ -230,7 +230,9 @@ async def _run(quick: bool) -> dict[str, Any]:
             "IIOT_BCRYPT_ROUNDS": "4",
             "IIOT_LOG_LEVEL": "WARNING",
         }
-        proc = subprocess.Popen([sys.executable, "-m", "iiot", "run"], env=env)  # noqa: ASYNC220
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "iiot", "run"], env=env, preexec_fn=die_with_parent
+        )
         try:
             await _wait_ready(http_port)
             limits = httpx.Limits(max_connections=offline_count + 200)
@@ -360,7 +362,9 @@ async def _external_broker(
         "IIOT_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}?client_id=iiot-bench-commands",
         "IIOT_MQTT_PORT": str(free_port()),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "iiot", "run"], env=env)  # noqa: ASYNC220
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-m", "iiot", "run"], env=env, preexec_fn=die_with_parent
+    )
     try:
         await _wait_ready(http_port)
         async with httpx.AsyncClient(

@@ -38,7 +38,7 @@ import httpx
 
 from bench.bench_api import PASSWORD, Params, _db_url, _drop_database, _seed
 from bench.figures import throughput
-from bench.profiles import platform_ports
+from bench.profiles import die_with_parent, platform_ports
 
 __all__ = ["main", "run"]
 
@@ -68,7 +68,10 @@ async def _platform(db_url: str) -> AsyncIterator[str]:
         "IIOT_LOG_LEVEL": "WARNING",
     }
     env.pop("IIOT_AMQP_URL", None)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "iiot", "run", env=env)
+    # Stopped with this process even when run_all kills it for overrunning its time.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iiot", "run", env=env, preexec_fn=die_with_parent
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=base) as client:
