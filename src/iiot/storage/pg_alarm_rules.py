@@ -15,7 +15,7 @@ from iiot.storage import _common
 from iiot.storage.alarm_common import RULE_COLS, as_is, rule_of
 from iiot.storage.base import Page, Scope
 from iiot.storage.postgres import PostgresStore
-from iiot.storage.postgres_pool import one_snapshot
+from iiot.storage.postgres_pool import scoped_page
 
 __all__ = ["PostgresAlarmRules"]
 
@@ -79,17 +79,10 @@ class PostgresAlarmRules:
         _common.check_page(limit, offset)
 
         async def op(conn: Any) -> Page[Rule]:
-            async with one_snapshot(conn):
-                where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
-                total = await conn.fetchval(f"SELECT count(*) FROM alarm_rules {where}", scope)
-                rows = await conn.fetch(
-                    f"SELECT {RULE_COLS} FROM alarm_rules {where}"
-                    " ORDER BY name, id LIMIT $2 OFFSET $3",
-                    scope,
-                    limit,
-                    offset,
-                )
-                return Page([_rule(r) for r in rows], total)
+            rows, total = await scoped_page(
+                conn, "alarm_rules", RULE_COLS, "tenant_id", "name, id", scope, (limit, offset)
+            )
+            return Page([_rule(r) for r in rows], total)
 
         return await self._store._run(op)
 

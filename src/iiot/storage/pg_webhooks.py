@@ -19,7 +19,7 @@ from iiot.storage import _common
 from iiot.storage.alarm_common import DELIVERY_COLS, WEBHOOK_COLS, as_is, events_text, webhook_of
 from iiot.storage.base import Page, Scope
 from iiot.storage.postgres import PostgresStore
-from iiot.storage.postgres_pool import one_snapshot
+from iiot.storage.postgres_pool import scoped_page
 
 __all__ = ["PostgresWebhooks"]
 
@@ -101,17 +101,16 @@ class PostgresWebhooks:
         _common.check_page(limit, offset)
 
         async def op(conn: Any) -> Page[Webhook]:
-            async with one_snapshot(conn):
-                where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
-                total = await conn.fetchval(f"SELECT count(*) FROM webhooks {where}", scope)
-                rows = await conn.fetch(
-                    f"SELECT {WEBHOOK_COLS} FROM webhooks {where}"
-                    " ORDER BY created_at, id LIMIT $2 OFFSET $3",
-                    scope,
-                    limit,
-                    offset,
-                )
-                return Page([_webhook(r) for r in rows], total)
+            rows, total = await scoped_page(
+                conn,
+                "webhooks",
+                WEBHOOK_COLS,
+                "tenant_id",
+                "created_at, id",
+                scope,
+                (limit, offset),
+            )
+            return Page([_webhook(r) for r in rows], total)
 
         return await self._store._run(op)
 

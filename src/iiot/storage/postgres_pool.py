@@ -64,3 +64,21 @@ def one_snapshot(conn: Any) -> Any:
     rows and its total, counted by a second statement, must agree with each other (under
     READ COMMITTED a row committed between the two made "total 1, items 2")."""
     return conn.transaction(isolation="repeatable_read", readonly=True)
+
+
+async def scoped_page(
+    conn: Any, table: str, columns: str, scope_column: str, order: str, scope: Any, page: Any
+) -> tuple[list[Any], int]:
+    """One page of `table`'s rows visible in the scope (`scope_column` = scope, or all with
+    no scope) and their total, counted and read in `one_snapshot`. `page`: (limit, offset)."""
+    limit, offset = page
+    async with one_snapshot(conn):
+        where = f"WHERE ($1::uuid IS NULL OR {scope_column} = $1)"
+        total = await conn.fetchval(f"SELECT count(*) FROM {table} {where}", scope)
+        rows = await conn.fetch(
+            f"SELECT {columns} FROM {table} {where} ORDER BY {order} LIMIT $2 OFFSET $3",
+            scope,
+            limit,
+            offset,
+        )
+    return list(rows), int(total)

@@ -12,7 +12,7 @@ from iiot.errors import Conflict, InvalidRequest, NotFound
 from iiot.model import Tenant
 from iiot.storage import _common
 from iiot.storage.base import Page, Scope
-from iiot.storage.postgres_pool import one_snapshot
+from iiot.storage.postgres_pool import scoped_page
 from iiot.storage.postgres_purge import queue_purges
 from iiot.storage.postgres_telemetry import lock_out_writers
 
@@ -77,16 +77,10 @@ class PostgresTenants:
         _common.check_page(limit, offset)
 
         async def op(conn: Any) -> Page[Tenant]:
-            async with one_snapshot(conn):
-                where = "WHERE ($1::uuid IS NULL OR id = $1)"
-                total = await conn.fetchval(f"SELECT count(*) FROM tenants {where}", scope)
-                rows = await conn.fetch(
-                    f"SELECT {_TENANT_COLS} FROM tenants {where} ORDER BY name LIMIT $2 OFFSET $3",
-                    scope,
-                    limit,
-                    offset,
-                )
-                return Page([_tenant(r) for r in rows], int(total))
+            rows, total = await scoped_page(
+                conn, "tenants", _TENANT_COLS, "id", "name", scope, (limit, offset)
+            )
+            return Page([_tenant(r) for r in rows], total)
 
         return await self._run(op, read=True)
 

@@ -12,7 +12,7 @@ from iiot.errors import Conflict, NotFound
 from iiot.model import Role, User
 from iiot.storage import _common
 from iiot.storage.base import Page, Scope
-from iiot.storage.postgres_pool import one_snapshot
+from iiot.storage.postgres_pool import scoped_page
 
 __all__ = ["PostgresUsers"]
 
@@ -109,16 +109,10 @@ class PostgresUsers:
         _common.check_page(limit, offset)
 
         async def op(conn: Any) -> Page[User]:
-            async with one_snapshot(conn):
-                where = "WHERE ($1::uuid IS NULL OR tenant_id = $1)"
-                total = await conn.fetchval(f"SELECT count(*) FROM users {where}", scope)
-                rows = await conn.fetch(
-                    f"SELECT {_USER_COLS} FROM users {where} ORDER BY username LIMIT $2 OFFSET $3",
-                    scope,
-                    limit,
-                    offset,
-                )
-                return Page([_user(r) for r in rows], int(total))
+            rows, total = await scoped_page(
+                conn, "users", _USER_COLS, "tenant_id", "username", scope, (limit, offset)
+            )
+            return Page([_user(r) for r in rows], total)
 
         return await self._run(op, read=True)
 
