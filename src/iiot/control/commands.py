@@ -70,8 +70,7 @@ class _Outcome(enum.Enum):
     """How one delivery attempt ended."""
 
     IN_FLIGHT = "in flight"  # the link has it; the device is not done with it yet
-    DONE = "done"  # expired, or delivered and final (one-way)
-    TAKEN = "taken"  # moved first by another process or a cancel, or not the device's next
+    DONE = "done"  # delivered and final: one-way, or answered already
     LINK_FAILED = "link failed"  # back to QUEUED; try another link
 
 
