@@ -197,3 +197,40 @@ async def test_an_answer_records_delivery_when_it_overtakes_the_receipt(store: S
     # Answered once: a duplicate answer changes nothing.
     assert await control.answer_command(None, sent.id, device.id, {"rpm": 1}, 320) is None
     assert (await control.get_command(None, sent.id)).response == {"rpm": 900}
+
+
+async def test_a_command_claimed_as_it_is_stored_waits_behind_older_queued_ones(
+    store: Store,
+) -> None:
+    tenant = await store.create_tenant("acme")
+    device = await store.create_device(tenant.id, "valve", "hash-1")
+    control = store.control
+    # Nothing ahead of it (an expired QUEUED command does not count): SENT at once, as a
+    # claim would leave it, and stored so.
+    expired = await control.create_command(
+        None, replace(_new(tenant.id, device.id), expires_at=150), 90
+    )
+    direct = await control.create_command(tenant.id, _new(tenant.id, device.id), 200, claim=True)
+    assert direct.status == "SENT" and direct.attempts == 1
+    assert direct.deadline == 200 + direct.timeout_ms
+    assert direct.transitions == [("QUEUED", 200), ("SENT", 200)]
+    stored = await control.get_command(None, direct.id)
+    assert (stored.status, stored.attempts, stored.deadline) == ("SENT", 1, direct.deadline)
+    assert stored.transitions == direct.transitions
+    assert await control.claim_next_command(None, device.id, 201) is None
+
+    # An unexpired QUEUED command is ahead: the new one queues behind it (creation order).
+    waiting = await control.create_command(None, _new(tenant.id, device.id), 300)
+    behind = await control.create_command(None, _new(tenant.id, device.id), 301, claim=True)
+    assert behind.status == "QUEUED" and behind.attempts == 0 and behind.deadline is None
+    assert behind.transitions == [("QUEUED", 301)]
+    queued = await control.queued_commands(None, device.id, 10)
+    assert [c.id for c in queued] == [expired.id, waiting.id, behind.id]  # the sweeper's
+    # Another device's queue does not hold this one back; another tenant cannot claim.
+    pump = await store.create_device(tenant.id, "pump", "hash-2")
+    assert (
+        await control.create_command(None, _new(tenant.id, pump.id), 302, claim=True)
+    ).status == "SENT"
+    other = await store.create_tenant("globex")
+    with pytest.raises(NotFound):
+        await control.create_command(other.id, _new(other.id, pump.id), 303, claim=True)

@@ -149,9 +149,14 @@ class CommandService:
     async def send(
         self, scope: Scope, device: Device, request: CommandRequest, sent_by: UUID | None
     ) -> Command:
-        """Store a QUEUED command and start its delivery (here or in another process)."""
+        """Store a QUEUED command and start its delivery (here or in another process).
+
+        A device with a link here gets the command at once: it is stored SENT (claimed in
+        the same statement) unless older QUEUED ones are ahead of it, and delivered without
+        a round of the device's queue."""
         now = now_ms()
         request.check(now)
+        link = self._direct_link(device.id)
         command = await self._store.control.create_command(
             scope,
             NewCommand(
@@ -167,11 +172,39 @@ class CommandService:
                 sent_by=sent_by,
             ),
             now,
+            claim=link is not None,
         )
+        if link is not None and command.status == "SENT":
+            self._delivering[command.id] = False  # its QUEUED event must not start a round
+            self._announce(
+                replace(
+                    command,
+                    status="QUEUED",
+                    attempts=0,
+                    deadline=None,
+                    transitions=command.transitions[:1],
+                )
+            )
+            self._announce(command)
+            self._spawn(self._deliver_claimed(command, link))
+            return command
         self._announce(command)
         if not command.persistent and not self._links.connected(device.id):
             self._spawn(self._fail_unclaimed(command))
         return command
+
+    def _direct_link(self, device_id: UUID) -> DeviceLink | None:
+        """The link a new command of this device goes through at once, if any: not with
+        one command at a time (the device's queue decides), nor when only an external
+        broker reaches it while other processes may hold a link that proves delivery."""
+        if self._sequential or device_id in self._paused:
+            return None
+        links = by_preference(
+            link for link in self._links.links(device_id) if link.listens_commands
+        )
+        if not links or (self._distributed and only_broker(links)):
+            return None
+        return links[0]
 
     async def wait(
         self, scope: Scope, command: Command, timeout_s: float, *, fresh: bool = False
@@ -302,13 +335,7 @@ class CommandService:
                 outcome = await self._deliver(claimed.command, link)
                 if outcome is _Outcome.LINK_FAILED:
                     failed.add(id(link))
-                    failures = self._failures.get(device_id, 0) + 1
-                    self._failures[device_id] = failures
-                    pause = min(
-                        _LINK_FAILED_PAUSE_S * 2 ** min(failures - 1, 10),
-                        _LINK_FAILED_PAUSE_MAX_S,
-                    )
-                    self._paused[device_id] = asyncio.get_running_loop().time() + pause
+                    self._link_failed(device_id)
                     continue  # the command is QUEUED again: another link may take it
                 self._failures.pop(device_id, None)
                 if self._sequential and outcome is not _Outcome.DONE:
@@ -318,10 +345,26 @@ class CommandService:
         if not lock.locked() and device_id not in self._pending_flush:
             self._device_locks.pop(device_id, None)
 
+    def _link_failed(self, device_id: UUID) -> None:
+        """Pause the device's deliveries, longer after each failure in a row."""
+        failures = self._failures.get(device_id, 0) + 1
+        self._failures[device_id] = failures
+        pause = min(_LINK_FAILED_PAUSE_S * 2 ** min(failures - 1, 10), _LINK_FAILED_PAUSE_MAX_S)
+        self._paused[device_id] = asyncio.get_running_loop().time() + pause
+
+    async def _deliver_claimed(self, sent: Command, link: DeviceLink) -> None:
+        """Deliver a command claimed as it was stored (`send`)."""
+        outcome = await self._deliver(sent, link)
+        if outcome is _Outcome.LINK_FAILED:
+            self._link_failed(sent.device_id)
+            self._schedule_flush(sent.device_id)  # QUEUED again: the device's other links
+        else:
+            self._failures.pop(sent.device_id, None)
+
     async def _deliver(self, sent: Command, link: DeviceLink) -> _Outcome:
         """One attempt through one link of a command just claimed (SENT)."""
         outbound = OutboundCommand(sent.id, sent.method, sent.params, sent.oneway)
-        self._delivering[sent.id] = False
+        self._delivering.setdefault(sent.id, False)
         try:
             confirmed = await link.deliver_command(outbound)
         except Exception as exc:  # a broken adapter must not lose the command either
@@ -474,6 +517,8 @@ class CommandService:
             except (KeyError, ValueError):
                 continue
             self._waiters.heard(command_id, event.data)
+            if event.kind == "QUEUED" and command_id in self._delivering:
+                continue  # claimed as it was stored, a link here has it: no round to start
             device_id = event.device_id
             wanted = event.kind == "QUEUED" or (
                 self._sequential and frees_device(event.kind, event.data)

@@ -171,9 +171,14 @@ class AttributeValue:
 class ControlStore(Protocol):
     """Commands and attributes; every method takes the tenant scope first."""
 
-    async def create_command(self, scope: Scope, command: NewCommand, now: int) -> Command:
+    async def create_command(
+        self, scope: Scope, command: NewCommand, now: int, *, claim: bool = False
+    ) -> Command:
         """Store a QUEUED command (its first transition too); `NotFound` if the device isn't
-        visible in the scope."""
+        visible in the scope. `claim`: a sender that holds a link to the device takes the
+        command as it is stored: SENT (attempt 1, both transitions, the delivery deadline
+        set as `claim_next_command` sets it), unless another unexpired QUEUED command of the
+        device is ahead of it (creation order), in which case it is QUEUED as usual."""
         ...
 
     async def get_command(self, scope: Scope, command_id: UUID) -> Command:

@@ -88,8 +88,11 @@ class PgControlStore:
         """`run(op)` runs `op(conn)` on a pooled connection (the store's `_run`)."""
         self._run = run
 
-    async def create_command(self, scope: Scope, command: NewCommand, now: int) -> Command:
-        """Store a QUEUED command with its first transition."""
+    async def create_command(
+        self, scope: Scope, command: NewCommand, now: int, *, claim: bool = False
+    ) -> Command:
+        """Store a QUEUED command with its first transition (SENT at once with `claim`,
+        unless another QUEUED command of the device is ahead of it)."""
 
         async def op(conn: Any) -> Command:
             row = await conn.fetchrow(
@@ -107,10 +110,12 @@ class PgControlStore:
                 command.sent_by,
                 now,
                 scope,
+                claim,
             )
             if row is None:
                 raise NotFound(f"device {command.device_id} not found")
-            return _command(row, [("QUEUED", now)])
+            sent = [("SENT", now)] if row["status"] == "SENT" else []
+            return _command(row, [("QUEUED", now), *sent])
 
         result: Command = await self._run(op, retry=False)
         return result

@@ -130,17 +130,30 @@ SELECT {COLS},
 FROM commands WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)
 """
 
-# One statement: the device's scope check, the command and its first transition.
+# One statement: the device's scope check, the command and its first transition. With
+# $14 (`claim`) and no other unexpired QUEUED command of the device ahead of it, the command
+# is claimed as it is stored: SENT, with both transitions, as `CLAIM` would leave it.
 CREATE = f"""
 WITH d AS (
     SELECT id FROM devices WHERE id = $3 AND ($13::uuid IS NULL OR tenant_id = $13)
+), s AS (
+    SELECT $14 AND NOT EXISTS (
+        SELECT 1 FROM commands o WHERE o.device_id = $3 AND o.status = 'QUEUED'
+          AND o.expires_at > $12
+    ) AS sent
 ), c AS (
     INSERT INTO commands ({COLS})
-    SELECT $1, $2, d.id, $4, $5, $6, $7, $8, $9, $10, 0, 'QUEUED', NULL, NULL, $11, NULL, $12, $12
-    FROM d
+    SELECT $1, $2, d.id, $4, $5, $6, $7, $8, $9, $10,
+        CASE WHEN s.sent THEN 1 ELSE 0 END, CASE WHEN s.sent THEN 'SENT' ELSE 'QUEUED' END,
+        NULL, NULL, $11, CASE WHEN s.sent THEN $12 + $8 END, $12, $12
+    FROM d, s
     RETURNING {COLS}
 ), t AS (
-    INSERT INTO command_transitions (command_id, status, ts) SELECT id, 'QUEUED', $12 FROM c
+    INSERT INTO command_transitions (command_id, status, ts)
+    SELECT c.id, x.status, $12
+    FROM c, (VALUES (1, 'QUEUED'), (2, 'SENT')) AS x (n, status)
+    WHERE x.n = 1 OR c.status = 'SENT'
+    ORDER BY x.n
 )
 SELECT * FROM c
 """

@@ -129,17 +129,28 @@ class SqliteControlStore:
             found.setdefault(cid, []).append((status, ts))
         return [_command(r, found.get(r[0], [])) for r in rows]
 
-    async def create_command(self, scope: Scope, command: NewCommand, now: int) -> Command:
-        """Store a QUEUED command with its first transition."""
+    async def create_command(
+        self, scope: Scope, command: NewCommand, now: int, *, claim: bool = False
+    ) -> Command:
+        """Store a QUEUED command with its first transition (SENT at once with `claim`,
+        unless another QUEUED command of the device is ahead of it)."""
 
         def run() -> Command:
             db = self._db()
             with _transaction(db):
                 self._check_device(scope, command.device_id)
+                sent = (
+                    claim
+                    and not db.execute(
+                        "SELECT EXISTS (SELECT 1 FROM commands WHERE device_id = ?"
+                        " AND status = 'QUEUED' AND expires_at > ?)",
+                        (command.device_id.bytes, now),
+                    ).fetchone()[0]
+                )
                 cid = uuid4()
                 row = db.execute(
                     f"INSERT INTO commands ({_COLS}) VALUES"
-                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 'QUEUED', NULL, NULL, ?, NULL, ?, ?)"
+                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?, ?)"
                     f" RETURNING {_COLS}",
                     (
                         cid.bytes,
@@ -152,16 +163,20 @@ class SqliteControlStore:
                         command.timeout_ms,
                         command.expires_at,
                         command.retries,
+                        1 if sent else 0,
+                        "SENT" if sent else "QUEUED",
                         _b(command.sent_by),
+                        now + command.timeout_ms if sent else None,
                         now,
                         now,
                     ),
                 ).fetchone()
-                db.execute(
+                history = [("QUEUED", now), *([("SENT", now)] if sent else [])]
+                db.executemany(
                     "INSERT INTO command_transitions (command_id, status, ts) VALUES (?, ?, ?)",
-                    (cid.bytes, "QUEUED", now),
+                    [(cid.bytes, status, ts) for status, ts in history],
                 )
-            return _command(row, [("QUEUED", now)])
+            return _command(row, history)
 
         result: Command = await self._call(run)
         return result
