@@ -130,7 +130,7 @@ class MqttLogin:
         if self.persistent and packet.clean_start:
             await server.sessions.drop(self.client_id, device)  # before this one's saves
         elif not self.persistent:
-            server.track(server.sessions.drop(self.client_id, device))  # not awaited: CONNACK first
+            server.sessions.drop_soon(self.client_id, device)  # not awaited: CONNACK first
         if self.closed:
             return
         props: mc.Properties = {}

@@ -50,7 +50,7 @@ class MqttServer:
         self.max_connections = settings.mqtt_max_connections
         self.refusals = RefusalLog(log)
         self.actions = Actions(self)
-        self.sessions = SessionStore(services)
+        self.sessions = SessionStore(services, spawn=self.track)
         self.wills = Wills(self)
         self.connections: set[MqttConnection] = set()
         self.by_client_id: dict[str, MqttConnection] = {}
@@ -306,8 +306,9 @@ class MqttServer:
         who = f"device {conn.device.id}" if conn.device is not None else conn.client_id
         self.refusals.note(reason, f"{who} {message}")
 
-    def track(self, coro: Any) -> None:
+    def track(self, coro: Any) -> asyncio.Future[Any]:
         """Run a coroutine in the background, cancelled when the endpoint stops."""
-        task = asyncio.ensure_future(coro)
+        task: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

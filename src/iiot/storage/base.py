@@ -254,6 +254,10 @@ class Store(Protocol):
         """Forget a session (no error when there is none)."""
         ...
 
+    async def delete_mqtt_sessions(self, sessions: Sequence[tuple[Scope, str]]) -> None:
+        """Forget several sessions, each (scope, client id), in one statement."""
+        ...
+
     async def delete_telemetry_before(self, tenant_id: UUID, before_ts: int) -> int:
         """Delete a tenant's raw telemetry older than `before_ts`; returns rows removed."""
         ...

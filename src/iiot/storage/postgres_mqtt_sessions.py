@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -58,13 +58,21 @@ class PostgresMqttSessions:
 
     async def delete_mqtt_session(self, scope: Scope, client_id: str) -> None:
         """Forget a session (a clean session starts)."""
+        await self.delete_mqtt_sessions([(scope, client_id)])
+
+    async def delete_mqtt_sessions(self, sessions: Sequence[tuple[Scope, str]]) -> None:
+        """Forget several sessions, each (scope, client id), in one statement."""
+        if not sessions:
+            return
 
         async def op(conn: Any) -> None:
             await conn.execute(
-                "DELETE FROM mqtt_sessions s USING devices d WHERE s.client_id = $1 "
-                "AND d.id = s.device_id AND ($2::uuid IS NULL OR d.tenant_id = $2)",
-                client_id,
-                scope,
+                "DELETE FROM mqtt_sessions s USING devices d,"
+                " unnest($1::text[], $2::uuid[]) AS x (client_id, tenant_id)"
+                " WHERE s.client_id = x.client_id AND d.id = s.device_id"
+                " AND (x.tenant_id IS NULL OR d.tenant_id = x.tenant_id)",
+                [client_id for _, client_id in sessions],
+                [scope for scope, _ in sessions],
             )
 
         await self._run(op)

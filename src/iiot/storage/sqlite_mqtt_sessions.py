@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import TypeVar
 from uuid import UUID
 
@@ -59,14 +60,24 @@ class SqliteMqttSessions(SqlitePart):
 
     async def delete_mqtt_session(self, scope: Scope, client_id: str) -> None:
         """Forget a session (a clean session starts)."""
-        tenant = scope.bytes if scope else None
+        await self.delete_mqtt_sessions([(scope, client_id)])
+
+    async def delete_mqtt_sessions(self, sessions: Sequence[tuple[Scope, str]]) -> None:
+        """Forget several sessions, each (scope, client id), in one transaction."""
+        if not sessions:
+            return
+        rows = [
+            (client_id, tenant, tenant)
+            for scope, client_id in sessions
+            for tenant in [scope.bytes if scope else None]
+        ]
 
         def delete() -> None:
             with _transaction(self._db):
-                self._db.execute(
+                self._db.executemany(
                     f"DELETE FROM mqtt_sessions AS s WHERE client_id = ? AND EXISTS "
                     f"(SELECT 1 FROM devices d WHERE {_SCOPED})",
-                    (client_id, tenant, tenant),
+                    rows,
                 )
 
         await self._call(delete)
