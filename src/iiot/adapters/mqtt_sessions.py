@@ -91,6 +91,8 @@ class SessionStore:
                 )
             except StorageUnavailable as exc:
                 log.warning("%d MQTT sessions not dropped: %s", len(batch), exc)
+            except Exception:  # the next connects' deletes must still be written
+                log.exception("%d MQTT sessions not dropped", len(batch))
             finally:
                 self._dropping = set()
 
