@@ -45,6 +45,28 @@ ADMIN_PASSWORD = "bench-admin-password"
 RATE = 100  # commands/s
 
 
+def platform_env(url: str, ports: dict[str, str], data: Path) -> dict[str, str]:
+    """The environment of `iiot run` as users run it, on this database and data directory,
+    with an `admin` login."""
+    return {
+        **os.environ,
+        **ports,
+        "IIOT_DATA_DIR": str(data),
+        "IIOT_DATABASE_URL": url,
+        "IIOT_ADMIN_USERNAME": "admin",
+        "IIOT_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "IIOT_BCRYPT_ROUNDS": "4",
+        "IIOT_LOG_LEVEL": "WARNING",
+    }
+
+
+def start_platform(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`iiot run` in a child process that dies with this one."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "iiot", "run"], env=env, preexec_fn=die_with_parent
+    )
+
+
 async def _wait_ready(port: int) -> None:
     async with httpx.AsyncClient() as client:
         for _ in range(300):
@@ -220,19 +242,8 @@ async def _run(quick: bool) -> dict[str, Any]:
         http_port = int(ports["IIOT_HTTP_PORT"])
         mqtt_port = int(ports["IIOT_MQTT_PORT"])
         data = Path(tempfile.mkdtemp(prefix="iiot-bench-commands-"))
-        env = {
-            **os.environ,
-            **ports,
-            "IIOT_DATA_DIR": str(data),
-            "IIOT_DATABASE_URL": url,
-            "IIOT_ADMIN_USERNAME": "admin",
-            "IIOT_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            "IIOT_BCRYPT_ROUNDS": "4",
-            "IIOT_LOG_LEVEL": "WARNING",
-        }
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "iiot", "run"], env=env, preexec_fn=die_with_parent
-        )
+        env = platform_env(url, ports, data)
+        proc = start_platform(env)
         try:
             await _wait_ready(http_port)
             limits = httpx.Limits(max_connections=offline_count + 200)
@@ -362,9 +373,7 @@ async def _external_broker(
         "IIOT_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}?client_id=iiot-bench-commands",
         "IIOT_MQTT_PORT": str(free_port()),
     }
-    proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "iiot", "run"], env=env, preexec_fn=die_with_parent
-    )
+    proc = start_platform(env)
     try:
         await _wait_ready(http_port)
         async with httpx.AsyncClient(

@@ -16,18 +16,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from multiprocessing.synchronize import Event
+from pathlib import Path
 
 import httpx
 
-from bench.bench_commands import ADMIN_PASSWORD, _devices, _ingest, _login, _wait_ready
+from bench.bench_commands import (
+    _devices,
+    _ingest,
+    _login,
+    _wait_ready,
+    platform_env,
+    start_platform,
+)
 from bench.pg import temporary_database
-from bench.profiles import die_with_parent, platform_ports, settled
+from bench.profiles import platform_ports, settled
 
 PUBLISHERS, PER = 500, 120  # as bench_commands
 PERIOD_S = 0.01
@@ -58,18 +63,8 @@ async def _run(shares: list[float], rounds: int) -> None:
     async with temporary_database() as url:
         ports = platform_ports("defaults")
         http_port, mqtt_port = int(ports["IIOT_HTTP_PORT"]), int(ports["IIOT_MQTT_PORT"])
-        env = {
-            **os.environ,
-            **ports,
-            "IIOT_DATA_DIR": tempfile.mkdtemp(prefix="iiot-cpu-budget-"),
-            "IIOT_DATABASE_URL": url,
-            "IIOT_ADMIN_USERNAME": "admin",
-            "IIOT_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            "IIOT_BCRYPT_ROUNDS": "4",
-            "IIOT_LOG_LEVEL": "WARNING",
-        }
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "iiot", "run"], env=env, preexec_fn=die_with_parent
+        proc = start_platform(
+            platform_env(url, ports, Path(tempfile.mkdtemp(prefix="iiot-cpu-budget-")))
         )
         try:
             await _wait_ready(http_port)
