@@ -311,3 +311,39 @@ async def test_expiry_retries_cancel_and_roles(tmp_path: Path, database: dict[st
         assert hidden.status_code == 404
         bad = await api.client.post(url, json={"method": "x", "timeout_ms": 5}, headers=api.admin)
         assert bad.status_code == 400
+
+
+async def test_commands_sent_at_once_reach_one_poll_each_in_order(tmp_path: Path) -> None:
+    async with api_platform(tmp_path) as api:
+        _, device = await _device(api)
+        url = f"/api/devices/{device['id']}/commands"
+        first_poll = asyncio.create_task(_poll(api, device["token"]))
+        await asyncio.sleep(0.3)  # the device is polling: one open poll takes one command
+        sent = await asyncio.gather(
+            *(
+                api.client.post(
+                    url, json={"method": f"step{i}", "persistent": True}, headers=api.admin
+                )
+                for i in range(3)
+            )
+        )
+        assert [answer.status_code for answer in sent] == [202, 202, 202]
+        received = [(await first_poll).json()]
+        for _ in range(2):
+            poll = await _poll(api, device["token"])
+            assert poll.status_code == 200, poll.text
+            received.append(poll.json())
+        # Each went out once, on its own poll, oldest first: no poll was offered a second
+        # command while it answered the first (which would have failed and re-queued it).
+        commands = [
+            await _until(api, f"/api/commands/{answer.json()['id']}", "DELIVERED")
+            for answer in sent
+        ]
+        created = {c["id"]: c["created_at"] for c in commands}
+        assert sorted(created) == sorted(c["id"] for c in received)
+        # Oldest first (commands made in the same millisecond have no order among them).
+        order = [created[c["id"]] for c in received]
+        assert order == sorted(order)
+        for command in commands:
+            assert [t["status"] for t in command["transitions"]] == ["QUEUED", "SENT", "DELIVERED"]
+            assert command["error"] is None and command["attempts"] == 1

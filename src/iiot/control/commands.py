@@ -151,30 +151,40 @@ class CommandService:
     ) -> Command:
         """Store a QUEUED command and start its delivery (here or in another process).
 
-        A device with a link here gets the command at once: it is stored SENT (claimed in
-        the same statement) unless older QUEUED ones are ahead of it, and delivered without
-        a round of the device's queue."""
+        A device with a link here and no delivery under way gets the command at once: it is
+        stored SENT (claimed in the same statement) unless older QUEUED ones are ahead of
+        it, and delivered without a round of the device's queue. The device's lock is held
+        from before the statement until the delivery is done, as a round holds it: other
+        commands sent meanwhile queue behind it, in order, and a link that takes one
+        message (an HTTP poll) is never offered a second."""
         now = now_ms()
         request.check(now)
-        link = self._direct_link(device.id)
-        command = await self._store.control.create_command(
-            scope,
-            NewCommand(
-                tenant_id=device.tenant_id,
-                device_id=device.id,
-                method=request.method,
-                params={} if request.params is None else request.params,
-                oneway=request.oneway,
-                persistent=request.persistent,
-                timeout_ms=request.timeout_ms,
-                expires_at=request.expiry(now),
-                retries=request.retries,
-                sent_by=sent_by,
-            ),
-            now,
-            claim=link is not None,
-        )
-        if link is not None and command.status == "SENT":
+        lock = self._direct_lock(device.id)
+        if lock is not None:
+            await lock.acquire()  # free: taken without a pause, before any other sender
+        try:
+            command = await self._store.control.create_command(
+                scope,
+                NewCommand(
+                    tenant_id=device.tenant_id,
+                    device_id=device.id,
+                    method=request.method,
+                    params={} if request.params is None else request.params,
+                    oneway=request.oneway,
+                    persistent=request.persistent,
+                    timeout_ms=request.timeout_ms,
+                    expires_at=request.expiry(now),
+                    retries=request.retries,
+                    sent_by=sent_by,
+                ),
+                now,
+                claim=lock is not None,
+            )
+        except BaseException:
+            if lock is not None:
+                self._release(device.id, lock)
+            raise
+        if lock is not None and command.status == "SENT":
             self._delivering[command.id] = False  # its QUEUED event must not start a round
             self._announce(
                 replace(
@@ -186,25 +196,32 @@ class CommandService:
                 )
             )
             self._announce(command)
-            self._spawn(self._deliver_claimed(command, link))
+            self._spawn(self._deliver_claimed(command, lock))
             return command
+        if lock is not None:
+            self._release(device.id, lock)
         self._announce(command)
         if not command.persistent and not self._links.connected(device.id):
             self._spawn(self._fail_unclaimed(command))
         return command
 
-    def _direct_link(self, device_id: UUID) -> DeviceLink | None:
-        """The link a new command of this device goes through at once, if any: not with
-        one command at a time (the device's queue decides), nor when only an external
-        broker reaches it while other processes may hold a link that proves delivery."""
+    def _direct_lock(self, device_id: UUID) -> asyncio.Lock | None:
+        """The device's lock, free, if a new command of this device is to be claimed as it
+        is stored: the device has a link here, no delivery is under way, and neither one
+        command at a time (the device's queue decides) nor only an external broker while
+        other processes may hold a link that proves delivery."""
         if self._sequential or device_id in self._paused:
             return None
-        links = by_preference(
-            link for link in self._links.links(device_id) if link.listens_commands
-        )
+        links = [link for link in self._links.links(device_id) if link.listens_commands]
         if not links or (self._distributed and only_broker(links)):
             return None
-        return links[0]
+        lock = self._device_locks.setdefault(device_id, asyncio.Lock())
+        return None if lock.locked() else lock
+
+    def _release(self, device_id: UUID, lock: asyncio.Lock) -> None:
+        lock.release()
+        if not lock.locked() and device_id not in self._pending_flush:
+            self._device_locks.pop(device_id, None)
 
     async def wait(
         self, scope: Scope, command: Command, timeout_s: float, *, fresh: bool = False
@@ -352,14 +369,31 @@ class CommandService:
         pause = min(_LINK_FAILED_PAUSE_S * 2 ** min(failures - 1, 10), _LINK_FAILED_PAUSE_MAX_S)
         self._paused[device_id] = asyncio.get_running_loop().time() + pause
 
-    async def _deliver_claimed(self, sent: Command, link: DeviceLink) -> None:
-        """Deliver a command claimed as it was stored (`send`)."""
-        outcome = await self._deliver(sent, link)
+    async def _deliver_claimed(self, sent: Command, lock: asyncio.Lock) -> None:
+        """Deliver a command claimed as it was stored (`send`), then free the device's lock
+        that `send` took."""
+        device_id = sent.device_id
+        try:
+            links = by_preference(
+                link for link in self._links.links(device_id) if link.listens_commands
+            )
+            if links:
+                outcome: _Outcome | None = await self._deliver(sent, links[0])
+            else:  # the link went while the command was stored: wait for the next one
+                self._delivering.pop(sent.id, None)
+                await self._move(
+                    sent, "QUEUED", ("SENT",), error="the device's link closed", add_attempts=-1
+                )
+                if not sent.persistent:
+                    self._spawn(self._fail_unclaimed(sent))
+                outcome = None
+        finally:
+            self._release(device_id, lock)
         if outcome is _Outcome.LINK_FAILED:
-            self._link_failed(sent.device_id)
-            self._schedule_flush(sent.device_id)  # QUEUED again: the device's other links
-        else:
-            self._failures.pop(sent.device_id, None)
+            self._link_failed(device_id)
+            self._schedule_flush(device_id)  # QUEUED again: the device's other links
+        elif outcome is not None:
+            self._failures.pop(device_id, None)
 
     async def _deliver(self, sent: Command, link: DeviceLink) -> _Outcome:
         """One attempt through one link of a command just claimed (SENT)."""
