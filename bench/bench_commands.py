@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,20 @@ async def _wait_ready(port: int) -> None:
                     return
             await asyncio.sleep(0.1)
     raise TimeoutError("platform did not start")
+
+
+@contextlib.asynccontextmanager
+async def admin_client(
+    http_port: int, connections: int = 100
+) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, str]]]:
+    """Once the platform is ready: an HTTP client of its API and the admin's headers."""
+    await _wait_ready(http_port)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{http_port}",
+        timeout=60,
+        limits=httpx.Limits(max_connections=connections),
+    ) as client:
+        yield client, await _login(client)
 
 
 async def _login(client: httpx.AsyncClient) -> dict[str, str]:
@@ -245,12 +260,10 @@ async def _run(quick: bool) -> dict[str, Any]:
         env = platform_env(url, ports, data)
         proc = start_platform(env)
         try:
-            await _wait_ready(http_port)
-            limits = httpx.Limits(max_connections=offline_count + 200)
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{http_port}", timeout=60, limits=limits
-            ) as client:
-                admin = await _login(client)
+            async with admin_client(http_port, connections=offline_count + 200) as (
+                client,
+                admin,
+            ):
                 devices = await _devices(
                     client, admin, 2 * ANSWERING_DEVICES + publisher_count + offline_count
                 )
@@ -375,11 +388,7 @@ async def _external_broker(
     }
     proc = start_platform(env)
     try:
-        await _wait_ready(http_port)
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{http_port}", timeout=60
-        ) as client:
-            admin = await _login(client)
+        async with admin_client(http_port) as (_, admin):
             clients = await asyncio.to_thread(
                 _paho_devices, broker.port, mqtt_devices, logins=False
             )

@@ -21,13 +21,10 @@ import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
-import httpx
-
 from bench.bench_commands import (
     _devices,
     _ingest,
-    _login,
-    _wait_ready,
+    admin_client,
     platform_env,
     start_platform,
 )
@@ -67,11 +64,7 @@ async def _run(shares: list[float], rounds: int) -> None:
             platform_env(url, ports, Path(tempfile.mkdtemp(prefix="iiot-cpu-budget-")))
         )
         try:
-            await _wait_ready(http_port)
-            async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{http_port}", timeout=60
-            ) as client:
-                admin = await _login(client)
+            async with admin_client(http_port) as (client, admin):
                 publishers = await _devices(client, admin, PUBLISHERS)
             await settled(proc.pid)
             await _ingest(url, mqtt_port, publishers, PER)  # makes every series first

@@ -14,7 +14,7 @@ has at most one command in flight (`Command.in_flight`). The claim QUEUED -> SEN
 passes only for the device's next command (none in flight, none older QUEUED), checked by
 the store in the same atomic step, so it holds whichever process or link delivers; each
 event that frees a device (a final state, a TIMEOUT, a one-way DELIVERED) starts the next
-delivery round where a link is held.
+delivery round where a link is held. Timeouts, expiry and re-queueing: `command_sweeps`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any, Self
 from uuid import UUID
 
 from iiot.bus import LiveBus, RecordEvent, record_topics
+from iiot.control.command_sweeps import CommandSweeps
 from iiot.control.link_choice import by_preference, only_broker
 from iiot.control.rules import (
     CANCELABLE,
@@ -44,13 +46,12 @@ from iiot.metrics import Metrics
 from iiot.model import Device
 from iiot.storage._common import now_ms
 from iiot.storage.base import Scope, Store
-from iiot.storage.control import UNSET, Command, NewCommand
+from iiot.storage.control import Command, NewCommand
 
 __all__ = ["CommandService"]
 
 log = logging.getLogger(__name__)
 
-_SWEEP_S = 0.5
 _RECHECK_S = 1.0  # waiters re-read the command this often in case an event was lost
 _UNCLAIMED_GRACE_S = 2.0  # split roles: how long a lightweight command may wait for a taker
 _RECONNECT_GRACE_S = 1.0  # one process: the same for a device between polls or reconnecting
@@ -60,10 +61,6 @@ _RECONNECT_GRACE_S = 1.0  # one process: the same for a device between polls or 
 _BROKER_GRACE_S = 0.5
 _LINK_FAILED_PAUSE_S = 1.0  # doubled after each failure in a row, up to the maximum
 _LINK_FAILED_PAUSE_MAX_S = 30.0
-# Every this many sweeps, QUEUED commands of devices with a link here are delivered even if
-# their event was lost (a bus queue that overflowed, a bridge that reconnected).
-_RESCUE_EVERY = 10
-_RESCUE_AGE_MS = 2000  # after a link failed: wait before trying the device's links again
 
 
 class _Outcome(enum.Enum):
@@ -74,7 +71,7 @@ class _Outcome(enum.Enum):
     LINK_FAILED = "link failed"  # back to QUEUED; try another link
 
 
-class CommandService:
+class CommandService(CommandSweeps):
     """The rules of commands for one platform process."""
 
     def __init__(
@@ -159,51 +156,48 @@ class CommandService:
         message (an HTTP poll) is never offered a second."""
         now = now_ms()
         request.check(now)
+        new = NewCommand(
+            tenant_id=device.tenant_id,
+            device_id=device.id,
+            method=request.method,
+            params={} if request.params is None else request.params,
+            oneway=request.oneway,
+            persistent=request.persistent,
+            timeout_ms=request.timeout_ms,
+            expires_at=request.expiry(now),
+            retries=request.retries,
+            sent_by=sent_by,
+        )
         lock = self._direct_lock(device.id)
-        if lock is not None:
+        if lock is None:
+            command = await self._store.control.create_command(scope, new, now)
+        else:
             await lock.acquire()  # free: taken without a pause, before any other sender
-        try:
-            command = await self._store.control.create_command(
-                scope,
-                NewCommand(
-                    tenant_id=device.tenant_id,
-                    device_id=device.id,
-                    method=request.method,
-                    params={} if request.params is None else request.params,
-                    oneway=request.oneway,
-                    persistent=request.persistent,
-                    timeout_ms=request.timeout_ms,
-                    expires_at=request.expiry(now),
-                    retries=request.retries,
-                    sent_by=sent_by,
-                ),
-                now,
-                claim=lock is not None,
-            )
-        except BaseException:
-            if lock is not None:
-                self._release(device.id, lock)
-            raise
-        if lock is not None and command.status == "SENT":
-            self._delivering[command.id] = False  # its QUEUED event must not start a round
-            self._announce(
-                replace(
-                    command,
-                    status="QUEUED",
-                    attempts=0,
-                    deadline=None,
-                    transitions=command.transitions[:1],
-                )
-            )
-            self._announce(command)
-            self._spawn(self._deliver_claimed(command, lock))
-            return command
-        if lock is not None:
-            self._release(device.id, lock)
+            handed_over = False
+            try:
+                command = await self._store.control.create_command(scope, new, now, claim=True)
+                if command.status == "SENT":
+                    self._start_claimed(command, lock)
+                    handed_over = True
+                    return command
+            finally:
+                if not handed_over:
+                    self._release(device.id, lock)
         self._announce(command)
         if not command.persistent and not self._links.connected(device.id):
             self._spawn(self._fail_unclaimed(command))
         return command
+
+    def _start_claimed(self, command: Command, lock: asyncio.Lock) -> None:
+        """Announce both transitions of a command claimed as it was stored, and deliver it
+        (the delivery frees the device's lock)."""
+        self._delivering[command.id] = False  # its QUEUED event must not start a round
+        queued = replace(
+            command, status="QUEUED", attempts=0, deadline=None, transitions=command.transitions[:1]
+        )
+        self._announce(queued)
+        self._announce(command)
+        self._spawn(self._deliver_claimed(command, lock))
 
     def _direct_lock(self, device_id: UUID) -> asyncio.Lock | None:
         """The device's lock, free, if a new command of this device is to be claimed as it
@@ -212,14 +206,27 @@ class CommandService:
         other processes may hold a link that proves delivery."""
         if self._sequential or device_id in self._paused:
             return None
-        links = [link for link in self._links.links(device_id) if link.listens_commands]
+        links = self._command_links(device_id)
         if not links or (self._distributed and only_broker(links)):
             return None
         lock = self._device_locks.setdefault(device_id, asyncio.Lock())
         return None if lock.locked() else lock
 
+    def _command_links(self, device_id: UUID, skip: Collection[int] = ()) -> list[DeviceLink]:
+        """The device's links here that listen for commands, best first (`skip`: ids of
+        links that failed in this round)."""
+        return by_preference(
+            link
+            for link in self._links.links(device_id)
+            if link.listens_commands and id(link) not in skip
+        )
+
     def _release(self, device_id: UUID, lock: asyncio.Lock) -> None:
         lock.release()
+        self._forget_lock(device_id, lock)
+
+    def _forget_lock(self, device_id: UUID, lock: asyncio.Lock) -> None:
+        """Drop an idle device's lock, unless a round is about to take it."""
         if not lock.locked() and device_id not in self._pending_flush:
             self._device_locks.pop(device_id, None)
 
@@ -335,11 +342,7 @@ class CommandService:
             self._pending_flush.discard(device_id)
             failed: set[int] = set()
             while True:
-                links = by_preference(
-                    link
-                    for link in self._links.links(device_id)
-                    if link.listens_commands and id(link) not in failed
-                )
+                links = self._command_links(device_id, failed)
                 if not links:
                     break
                 claimed = await self._store.control.claim_next_command(
@@ -359,8 +362,7 @@ class CommandService:
                     break  # one at a time: the event that frees the device starts the next
                 if not claimed.more:
                     break
-        if not lock.locked() and device_id not in self._pending_flush:
-            self._device_locks.pop(device_id, None)
+        self._forget_lock(device_id, lock)
 
     def _link_failed(self, device_id: UUID) -> None:
         """Pause the device's deliveries, longer after each failure in a row."""
@@ -374,9 +376,7 @@ class CommandService:
         that `send` took."""
         device_id = sent.device_id
         try:
-            links = by_preference(
-                link for link in self._links.links(device_id) if link.listens_commands
-            )
+            links = self._command_links(device_id)
             if links:
                 outcome: _Outcome | None = await self._deliver(sent, links[0])
             else:  # the link went while the command was stored: wait for the next one
@@ -439,92 +439,27 @@ class CommandService:
             + (" to any platform process" if self._distributed else ""),
         )
 
-    # --- timeouts and expiry -------------------------------------------------------------
-    async def _sweep_forever(self) -> None:
-        rounds = 0
-        while True:
-            rounds += 1
-            try:
-                await self.sweep()
-                if rounds % _RESCUE_EVERY == 0:
-                    await self._rescue_queued()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # storage down: try again on the next round
-                log.warning("command sweep failed: %s", exc)
-            await asyncio.sleep(_SWEEP_S)
-
-    async def sweep(self) -> None:
-        """Expire, time out and re-queue the commands whose time has come."""
-        now = now_ms()
-        for command in await self._store.control.due_commands(None, now, 1000):
-            if command.final:
-                continue
-            if command.expires_at <= now:
-                await self._move(command, "EXPIRED", EXPIRABLE, error="expired before an answer")
-            elif command.status == "TIMEOUT":
-                await self._move(command, "QUEUED", ("TIMEOUT",))
-            elif command.status in ("SENT", "DELIVERED"):
-                await self._time_out(command)
-
-    async def _rescue_queued(self) -> None:
-        before = now_ms() - _RESCUE_AGE_MS
-        for device_id in await self._store.control.queued_devices(None, before, 10_000):
-            if self._links.connected(device_id):
-                self._schedule_flush(device_id)
-
-    async def _time_out(self, command: Command) -> None:
-        # A persistent command the device never confirmed did not reach it: queue it again
-        # until it expires, retries or not (a restart must not leave it TIMEOUT for ever).
-        again = (command.persistent and command.status == "SENT") or (
-            command.attempts <= command.retries
-        )
-        timed_out = await self._move(
-            command,
-            "TIMEOUT",
-            (command.status,),
-            deadline=now_ms() if again else None,
-            error="no delivery confirmation" if command.status == "SENT" else "no answer",
-        )
-        if timed_out is not None and again:
-            await self._move(timed_out, "QUEUED", ("TIMEOUT",))
-
     # --- state changes and events --------------------------------------------------------
     async def _move(
         self,
         command: Command,
         to: str,
         allowed_from: tuple[str, ...],
-        **change: Any,
-    ) -> Command | None:
-        return await self._move_id(command.id, to, allowed_from, **change)
-
-    async def _move_id(
-        self,
-        command_id: UUID,
-        to: str,
-        allowed_from: tuple[str, ...],
         *,
-        device_id: UUID | None = None,
         deadline: int | None = None,
-        response: Any = UNSET,
         error: str | None = None,
         add_attempts: int = 0,
-        only_if_next: bool = False,
     ) -> Command | None:
-        """Move the command if it is in one of `allowed_from` (and of `device_id`)."""
+        """Move the command if it is in one of `allowed_from`; announce the change."""
         moved = await self._store.control.transition_command(
             None,
-            command_id,
+            command.id,
             to,
             allowed_from,
             now_ms(),
-            device_id=device_id,
             deadline=deadline,
-            response=response,
             error=error,
             add_attempts=add_attempts,
-            only_if_next=only_if_next,
         )
         if moved is not None:
             self._announce(moved)

@@ -66,11 +66,10 @@ class SqliteMqttSessions(SqlitePart):
         """Forget several sessions, each (scope, client id), in one transaction."""
         if not sessions:
             return
-        rows = [
-            (client_id, tenant, tenant)
-            for scope, client_id in sessions
-            for tenant in [scope.bytes if scope else None]
-        ]
+        rows = []
+        for scope, client_id in sessions:
+            tenant = scope.bytes if scope else None
+            rows.append((client_id, tenant, tenant))
 
         def delete() -> None:
             with _transaction(self._db):
